@@ -1,0 +1,280 @@
+//! Page-aligned I/O buffers and the pool of buffers registered with io_uring.
+//!
+//! O_DIRECT needs buffers aligned to the device's DIO memory alignment; 4096 bytes covers
+//! every device we expect (`statx` reports 512 or 4096), so every [`IoBuf`] is 4096-aligned.
+//! A buffer owns its memory until dropped, and is only ever lent to the kernel by a backend
+//! that also owns the buffer for the whole time the kernel may touch it.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+/// Alignment of every [`IoBuf`], in bytes.
+pub(crate) const BUF_ALIGN: usize = 4096;
+
+/// An owned, 4096-byte-aligned byte buffer for block I/O.
+///
+/// It derefs to `[u8]` of length [`IoBuf::len`]. Buffers from [`crate::BlockDevice::alloc_buf`]
+/// may live in memory registered with io_uring (so the kernel can skip pinning pages on
+/// each request); they go back to that pool when dropped.
+pub struct IoBuf {
+    /// Start of the allocation (heap) or of the pool slot; always `BUF_ALIGN`-aligned.
+    ptr: NonNull<u8>,
+    /// Bytes visible through `Deref`; never more than `capacity`.
+    len: usize,
+    /// Bytes owned at `ptr`.
+    capacity: usize,
+    /// Where the memory came from, and so how to give it back.
+    owner: Owner,
+}
+
+enum Owner {
+    /// Allocated with `alloc_zeroed(Layout(capacity, BUF_ALIGN))`.
+    Heap,
+    /// Slot `index` of a registered pool; the `Arc` keeps the pool memory alive.
+    Pool { pool: Arc<BufPool>, index: u16 },
+}
+
+// SAFETY: an IoBuf uniquely owns its memory (heap allocation or a pool slot that the pool
+// hands to one buffer at a time), like a `Vec<u8>`, so moving it to another thread is sound.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared access only yields `&[u8]`; mutation needs `&mut IoBuf`, as with `Vec<u8>`.
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// A heap buffer of `len` zero bytes.
+    pub fn new_zeroed(len: usize) -> IoBuf {
+        // Round up so the allocation is never zero-sized (not allowed by `alloc`) and so a
+        // whole number of pages is owned, which O_DIRECT reads may fill.
+        let capacity = len.max(1).next_multiple_of(BUF_ALIGN);
+        let layout = heap_layout(capacity);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        IoBuf {
+            ptr,
+            len,
+            capacity,
+            owner: Owner::Heap,
+        }
+    }
+
+    /// A heap buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> IoBuf {
+        let mut buf = IoBuf::new_zeroed(data.len());
+        buf.copy_from_slice(data);
+        buf
+    }
+
+    /// Number of bytes in the buffer.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Shortens the buffer to `len` bytes; does nothing if `len` is not shorter.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The registered-buffer index and pool identity, if this buffer lives in a pool.
+    pub(crate) fn pool_slot(&self) -> Option<(&Arc<BufPool>, u16)> {
+        match &self.owner {
+            Owner::Heap => None,
+            Owner::Pool { pool, index } => Some((pool, *index)),
+        }
+    }
+}
+
+fn heap_layout(capacity: usize) -> Layout {
+    match Layout::from_size_align(capacity, BUF_ALIGN) {
+        Ok(layout) => layout,
+        // Only reachable for sizes near isize::MAX, which no allocator could satisfy anyway.
+        Err(_) => alloc::handle_alloc_error(Layout::new::<u8>()),
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        match &self.owner {
+            Owner::Heap => {
+                // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout and is
+                // freed only here, once.
+                unsafe { alloc::dealloc(self.ptr.as_ptr(), heap_layout(self.capacity)) }
+            }
+            Owner::Pool { pool, index } => pool.release(*index),
+        }
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `capacity >= len` initialised bytes (zeroed at
+        // allocation or hand-out), owned by this buffer, and aliased only through `&self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// Lets a filled buffer become `bytes::Bytes::from_owner(buf)` without a copy.
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .field("pool_index", &self.pool_slot().map(|(_, index)| index))
+            .finish()
+    }
+}
+
+/// A fixed set of equal-sized, aligned slots carved out of one allocation, registered with
+/// an io_uring so `ReadFixed`/`WriteFixed` can use them.
+///
+/// The pool is shared (`Arc`) by the ring thread and by every buffer handed out, so its
+/// memory outlives both the ring (which unregisters on close) and the last buffer.
+pub(crate) struct BufPool {
+    base: NonNull<u8>,
+    slot_bytes: usize,
+    slots: usize,
+    free: Mutex<Vec<u16>>,
+}
+
+// SAFETY: the pool memory is only reached through `IoBuf`s, each owning one slot
+// exclusively; the free list is behind a mutex.
+unsafe impl Send for BufPool {}
+// SAFETY: see `Send`; `&BufPool` only allows taking and returning slots under the mutex.
+unsafe impl Sync for BufPool {}
+
+impl BufPool {
+    /// Allocates `slots` zeroed slots of `slot_bytes` (a multiple of `BUF_ALIGN`).
+    pub(crate) fn new(slots: u16, slot_bytes: usize) -> Option<Arc<BufPool>> {
+        if slots == 0 || slot_bytes == 0 || slot_bytes % BUF_ALIGN != 0 {
+            return None;
+        }
+        let total = slot_bytes.checked_mul(usize::from(slots))?;
+        let layout = Layout::from_size_align(total, BUF_ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        Some(Arc::new(BufPool {
+            base,
+            slot_bytes,
+            slots: usize::from(slots),
+            // Reversed so slot 0 is handed out first, which keeps tests readable.
+            free: Mutex::new((0..slots).rev().collect()),
+        }))
+    }
+
+    /// One `iovec` per slot, in index order, for `register_buffers`.
+    pub(crate) fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.slots)
+            .map(|index| libc::iovec {
+                iov_base: self.slot_ptr(index).as_ptr().cast(),
+                iov_len: self.slot_bytes,
+            })
+            .collect()
+    }
+
+    fn slot_ptr(&self, index: usize) -> NonNull<u8> {
+        debug_assert!(index < self.slots);
+        // SAFETY: `index < slots`, so the offset stays inside the single allocation.
+        unsafe { self.base.add(index * self.slot_bytes) }
+    }
+
+    /// Hands out a zeroed slot as a buffer of `len` bytes, or `None` if `len` does not fit
+    /// a slot or every slot is in use.
+    pub(crate) fn take(self: &Arc<BufPool>, len: usize) -> Option<IoBuf> {
+        if len > self.slot_bytes {
+            return None;
+        }
+        let index = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        let ptr = self.slot_ptr(usize::from(index));
+        // Zero on hand-out so a pooled buffer reads like `IoBuf::new_zeroed`, and so no
+        // data from a previous request (possibly another VM's) leaks to the caller.
+        // SAFETY: the slot is `slot_bytes >= len` bytes inside the pool allocation, and was
+        // just removed from the free list, so nothing else references it.
+        unsafe { ptr.as_ptr().write_bytes(0, len) };
+        Some(IoBuf {
+            ptr,
+            len,
+            capacity: self.slot_bytes,
+            owner: Owner::Pool {
+                pool: Arc::clone(self),
+                index,
+            },
+        })
+    }
+
+    fn release(&self, index: u16) {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(index);
+    }
+}
+
+impl Drop for BufPool {
+    fn drop(&mut self) {
+        let layout = heap_layout(self.slot_bytes * self.slots);
+        // SAFETY: `base` came from `alloc_zeroed` with this layout. Every `IoBuf` holds an
+        // `Arc` to the pool, so none is left pointing into it.
+        unsafe { alloc::dealloc(self.base.as_ptr(), layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_zeroed_and_truncatable() {
+        for len in [0, 1, 4095, 4096, 4097, 1 << 20] {
+            let mut buf = IoBuf::new_zeroed(len);
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.as_ptr() as usize % BUF_ALIGN, 0);
+            assert!(buf.iter().all(|&b| b == 0));
+            buf.truncate(len / 2);
+            assert_eq!(buf.len(), len / 2);
+        }
+        let buf = IoBuf::from_slice(b"abc");
+        assert_eq!(&buf[..], b"abc");
+    }
+
+    #[test]
+    fn pool_hands_out_each_slot_once_and_takes_it_back_on_drop() {
+        let pool = BufPool::new(2, BUF_ALIGN).expect("pool");
+        let mut first = pool.take(10).expect("slot");
+        first.fill(7);
+        let second = pool.take(BUF_ALIGN).expect("slot");
+        assert!(pool.take(1).is_none(), "pool should be exhausted");
+        assert!(pool.take(BUF_ALIGN + 1).is_none(), "too large for a slot");
+        drop(first);
+        let again = pool.take(10).expect("slot returned");
+        assert!(again.iter().all(|&b| b == 0), "reused slot must be zeroed");
+        assert_ne!(
+            again.pool_slot().map(|s| s.1),
+            second.pool_slot().map(|s| s.1)
+        );
+    }
+}

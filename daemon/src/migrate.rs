@@ -1,0 +1,165 @@
+//! `tern migrate`: the source.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use tern_blockdev::{BlockDevice, OpenOptions};
+use tern_engine::compression::CompressionMode;
+use tern_engine::driver::{SourceOptions, run_source};
+use tern_engine::{SourceConfig, SourceProgress};
+use tern_transport::{Fingerprint, Identity, TransportTuning, connect};
+use tokio::sync::watch;
+
+/// Arguments of `tern migrate`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Source image (raw file or block device); repeat for the several disks of one VM, in the
+    /// order the target lists its images.
+    #[arg(long = "image", required = true)]
+    images: Vec<PathBuf>,
+    /// Target address (where `tern serve --listen` runs), e.g. 192.0.2.7:4433.
+    #[arg(long)]
+    to: SocketAddr,
+    /// This host's identity directory (from `tern keygen`).
+    #[arg(long)]
+    identity: PathBuf,
+    /// The target's certificate fingerprint (printed by its `tern keygen`).
+    #[arg(long)]
+    peer: Fingerprint,
+    /// Compression: `auto` compresses while the link is the bottleneck and stops while the
+    /// CPU is; `zstd` always compresses (level 1, raw when it saves < 10 %); `off` never.
+    #[arg(long = "compress", default_value = "auto")]
+    compression: CompressionMode,
+    /// Print one JSON summary line on stdout instead of the human summary.
+    #[arg(long)]
+    json: bool,
+    /// Skip the digest comparison after the copy (`verified` is then false).
+    #[arg(long)]
+    no_verify: bool,
+    /// QUIC data streams.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    streams: u16,
+}
+
+/// The `--json` summary; these keys are a stable interface.
+#[derive(Serialize, Debug)]
+pub(crate) struct Summary {
+    pub(crate) bytes_total: u64,
+    pub(crate) bytes_data: u64,
+    pub(crate) bytes_wire: u64,
+    pub(crate) duration_s: f64,
+    pub(crate) throughput_mib_s: f64,
+    pub(crate) verified: bool,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let identity = Identity::load(&args.identity)
+        .with_context(|| format!("load identity from {}", args.identity.display()))?;
+    let options = options(args.compression, args.streams, !args.no_verify);
+    let runtime = runtime()?;
+    let summary = runtime.block_on(copy(
+        &args.images,
+        args.to,
+        &identity,
+        args.peer,
+        options,
+        args.json,
+    ))?;
+    print_summary(&summary, args.json)
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tern")
+        .build()
+        .context("start async runtime")
+}
+
+pub(crate) fn options(compression: CompressionMode, streams: u16, verify: bool) -> SourceOptions {
+    let mut session_id = [0u8; 16];
+    rand::fill(&mut session_id);
+    SourceOptions {
+        config: SourceConfig {
+            data_streams: streams,
+            verify,
+            session_id,
+            ..SourceConfig::default()
+        },
+        compression,
+    }
+}
+
+pub(crate) fn identity_of(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Copies `images` to the target at `to` and returns the summary.
+pub(crate) async fn copy(
+    images: &[PathBuf],
+    to: SocketAddr,
+    identity: &Identity,
+    peer: Fingerprint,
+    options: SourceOptions,
+    quiet: bool,
+) -> anyhow::Result<Summary> {
+    let mut disks = Vec::new();
+    for image in images {
+        let open = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let device = BlockDevice::open(image, &open)
+            .with_context(|| format!("open source image {}", image.display()))?;
+        tracing::info!(image = %image.display(), backend = %device.kind(), direct = device.direct(), "source image open");
+        disks.push((device, identity_of(image)));
+    }
+    let bytes_total: u64 = disks.iter().map(|(d, _)| d.size()).sum();
+    let (endpoint, connection) = connect(to, identity, peer, &TransportTuning::default())
+        .await
+        .with_context(|| format!("connect to target {to}"))?;
+    let (progress_tx, progress_rx) = watch::channel(SourceProgress {
+        bytes_total,
+        ..Default::default()
+    });
+    let bar = crate::progress::spawn(progress_rx, quiet);
+    let result = run_source(&connection, disks, options, Some(progress_tx)).await;
+    if let Some(bar) = bar {
+        let _ = bar.await;
+    }
+    connection.close(0u32.into(), b"done");
+    // Wait for the close to reach the target, bounded: a vanished target must not hang us.
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let report = result.context("migration failed; the source image is unchanged")?;
+    let seconds = report.duration.as_secs_f64();
+    Ok(Summary {
+        bytes_total: report.summary.progress.bytes_total,
+        bytes_data: report.summary.progress.bytes_data,
+        bytes_wire: report.bytes_wire,
+        duration_s: seconds,
+        throughput_mib_s: report.summary.progress.bytes_total as f64 / (1 << 20) as f64 / seconds.max(1e-9),
+        verified: report.summary.verified,
+    })
+}
+
+pub(crate) fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
+    } else {
+        println!(
+            "copied {:.1} MiB in {:.2} s ({:.0} MiB/s): {:.1} MiB of data, {:.1} MiB on the wire, verified: {}",
+            summary.bytes_total as f64 / (1 << 20) as f64,
+            summary.duration_s,
+            summary.throughput_mib_s,
+            summary.bytes_data as f64 / (1 << 20) as f64,
+            summary.bytes_wire as f64 / (1 << 20) as f64,
+            if summary.verified { "yes" } else { "no" },
+        );
+    }
+    Ok(())
+}

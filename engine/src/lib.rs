@@ -1,0 +1,23 @@
+//! Tern's migration engine.
+//!
+//! - [`source`] and [`target`]: the migration protocol as deterministic sans-IO state
+//!   machines (no sockets, no disks, no clock), driven by tests directly and by [`driver`] in
+//!   production.
+//! - [`driver`]: thin async drivers that connect the state machines to `tern-blockdev` disks
+//!   and `tern-transport` QUIC streams.
+//! - [`digest`]: block digests for verification.
+//! - [`compression`]: when to compress, decided from measured CPU and link behaviour.
+//!
+//! Invariants I1–I6 are listed in `ARCHITECTURE.md`; each is asserted where it is enforced.
+#![forbid(unsafe_code)]
+
+pub mod compression;
+pub mod digest;
+pub mod driver;
+pub mod error;
+pub mod source;
+pub mod target;
+
+pub use error::MigrationError;
+pub use source::{SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, SourceSummary, Transmit};
+pub use target::{TargetEvent, TargetIo, TargetMigration};

@@ -1,0 +1,746 @@
+//! The source side of a migration as a sans-IO state machine.
+//!
+//! [`SourceMigration`] decides what to read, what to send and when the copy is done; it does
+//! no IO, spawns nothing and never reads a clock. A driver (see `driver::source`) feeds it
+//! inputs and performs its outputs, in this order, until [`SourceMigration::poll_event`]
+//! yields [`SourceEvent::Completed`] or [`SourceEvent::Failed`]:
+//!
+//! 1. `poll_transmit` until `None` — send each [`Transmit`] (control frames on the control
+//!    stream, data and zero frames on the data stream they name, in the order given);
+//! 2. `poll_io` until `None` — submit each read;
+//! 3. `poll_event` until `None`;
+//! 4. wait for one input: `handle_read_done` / `handle_read_failed` for a read, or
+//!    `handle_control` for a message from the target; then go to 1.
+//!
+//! Phases: `Handshake` (Hello sent) → `Bulk` (every chunk read and sent once) → `Flush`
+//! (a barrier makes everything durable on the target) → `Verify` (digests compared) →
+//! `Complete` → `Done`; any failure goes to `Failed`.
+//!
+//! Invariants (checked with `assert!`):
+//! - reads in flight ≤ `reads_in_flight_max` and queued transmit bytes stay near
+//!   `transmit_queue_bytes_max` (I6);
+//! - every chunk of every disk is sent exactly once in the bulk pass, as data or as zeros;
+//! - generations are strictly increasing across all frames (I3 relies on it at the target).
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+
+use bytes::Bytes;
+use tern_transport::control::{FEATURES_REQUIRED, FEATURES_SUPPORTED};
+use tern_transport::{Control, DiskInfo, ErrorCode, Hello, PROTOCOL_VERSION};
+
+use crate::digest::{DIGEST_BLOCK_BYTES, digest, is_zero, zero_digest};
+use crate::error::MigrationError;
+
+/// Tunables of the source.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Bytes per chunk: the unit of chunk indexes on the wire (power of two, 4 KiB–1 MiB).
+    pub chunk_bytes: u32,
+    /// Unidirectional data streams.
+    pub data_streams: u16,
+    /// Reads submitted but not completed, at most (bounded by the IO backend's queue depth).
+    pub reads_in_flight_max: usize,
+    /// Bytes waiting in the transmit queue above which no new read is submitted.
+    pub transmit_queue_bytes_max: usize,
+    /// Compare digests of the whole disk after the copy.
+    pub verify: bool,
+    /// Random id of this migration.
+    pub session_id: [u8; 16],
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            chunk_bytes: 64 << 10,
+            data_streams: 4,
+            reads_in_flight_max: 16,
+            transmit_queue_bytes_max: 16 << 20,
+            verify: true,
+            session_id: [0; 16],
+        }
+    }
+}
+
+/// What the source knows about one disk at the start.
+#[derive(Clone, Debug)]
+pub struct SourceDisk {
+    /// Size in bytes.
+    pub size: u64,
+    /// Identity sent to the target (image name or path).
+    pub identity: String,
+    /// Byte ranges that may hold data (SEEK_DATA/SEEK_HOLE); the rest reads as zeros and is
+    /// sent as zero-range frames without being read. Sorted, non-overlapping.
+    pub allocated: Vec<Range<u64>>,
+}
+
+/// A read the driver must perform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// Echoed back in `handle_read_done`.
+    pub token: u64,
+    /// Disk index.
+    pub disk: u32,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length (never past the disk's end).
+    pub len: u32,
+}
+
+/// Something to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// A control message on the control stream.
+    Control(Control),
+    /// Disk bytes on data stream `stream`.
+    Data {
+        /// Data stream index.
+        stream: u16,
+        /// Disk index.
+        disk: u32,
+        /// First chunk.
+        chunk: u64,
+        /// Chunks covered.
+        chunk_count: u32,
+        /// Send sequence (I3).
+        generation: u64,
+        /// The bytes (`chunk_count` chunks, clipped to the disk's end).
+        data: Bytes,
+    },
+    /// A zero range on data stream `stream`.
+    Zero {
+        /// Data stream index.
+        stream: u16,
+        /// Disk index.
+        disk: u32,
+        /// First chunk.
+        chunk: u64,
+        /// Chunks covered.
+        chunk_count: u32,
+        /// Send sequence (I3).
+        generation: u64,
+    },
+}
+
+impl Transmit {
+    fn queued_bytes(&self) -> usize {
+        match self {
+            Transmit::Data { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Counters of the copy so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceProgress {
+    /// Total bytes of all disks.
+    pub bytes_total: u64,
+    /// Bytes covered by frames handed to the driver (data and zero ranges).
+    pub bytes_done: u64,
+    /// Bytes sent as data (before compression).
+    pub bytes_data: u64,
+    /// Bytes sent as zero ranges (never travel).
+    pub bytes_zero: u64,
+    /// Bytes read from disk.
+    pub bytes_read: u64,
+    /// Name of the current phase.
+    pub phase: &'static str,
+}
+
+/// The outcome of a finished migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSummary {
+    /// Counters at the end.
+    pub progress: SourceProgress,
+    /// True when every digest block of every disk matched.
+    pub verified: bool,
+}
+
+/// What the state machine reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// The target accepted the handshake.
+    Connected,
+    /// The bulk pass has handed every frame to the driver.
+    BulkDone,
+    /// The target confirmed that everything is durable.
+    Flushed,
+    /// Finished: the target holds a verified copy.
+    Completed(SourceSummary),
+    /// Failed; the source is still authoritative. Send nothing more.
+    Failed(MigrationError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Bulk,
+    Flush { barrier: u64 },
+    Verify,
+    Complete,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Handshake => "handshake",
+            Phase::Bulk => "bulk",
+            Phase::Flush { .. } => "flush",
+            Phase::Verify => "verify",
+            Phase::Complete => "complete",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Per-disk state: the bulk cursor and the digests of what was sent.
+#[derive(Debug)]
+struct DiskState {
+    size: u64,
+    identity: String,
+    allocated: Vec<Range<u64>>,
+    /// Index into `allocated` of the first extent that may intersect `next_block`.
+    extent: usize,
+    /// Next digest block the bulk pass has not planned yet.
+    next_block: u64,
+    /// Digest of each block as sent; `None` until its read completed.
+    digests: Vec<Option<u128>>,
+    /// Digest blocks whose target digest has arrived and matched.
+    verified_blocks: u64,
+}
+
+impl DiskState {
+    fn blocks(&self) -> u64 {
+        self.size.div_ceil(DIGEST_BLOCK_BYTES as u64)
+    }
+
+    fn block_range(&self, block: u64) -> Range<u64> {
+        let start = block * DIGEST_BLOCK_BYTES as u64;
+        start..(start + DIGEST_BLOCK_BYTES as u64).min(self.size)
+    }
+
+    fn block_allocated(&mut self, block: u64) -> bool {
+        let range = self.block_range(block);
+        while self.extent < self.allocated.len() && self.allocated[self.extent].end <= range.start
+        {
+            self.extent += 1;
+        }
+        self.allocated
+            .get(self.extent)
+            .is_some_and(|extent| extent.start < range.end)
+    }
+
+    /// The first block at or after `block` that holds allocated bytes.
+    fn next_allocated_block(&mut self, block: u64) -> u64 {
+        if self.block_allocated(block) {
+            return block;
+        }
+        match self.allocated.get(self.extent) {
+            Some(extent) => (extent.start / DIGEST_BLOCK_BYTES as u64).max(block),
+            None => self.blocks(),
+        }
+    }
+}
+
+/// The source of a migration. See the module documentation for the call order.
+#[derive(Debug)]
+pub struct SourceMigration {
+    config: SourceConfig,
+    phase: Phase,
+    disks: Vec<DiskState>,
+    /// Next generation to assign; starts at 1 so that 0 means "never written" at the target.
+    next_generation: u64,
+    next_token: u64,
+    next_barrier: u64,
+    /// Reads in flight: token → (disk, block).
+    reads: HashMap<u64, (u32, u64)>,
+    /// Index of the disk the bulk pass is planning.
+    bulk_disk: usize,
+    transmit: VecDeque<Transmit>,
+    transmit_bytes: usize,
+    /// Frames handed to the driver per data stream (barrier counts).
+    frames_sent: Vec<u64>,
+    io: VecDeque<ReadRequest>,
+    events: VecDeque<SourceEvent>,
+    progress: SourceProgress,
+}
+
+impl SourceMigration {
+    /// Starts a migration of `disks`: queues the handshake.
+    pub fn new(config: SourceConfig, disks: Vec<SourceDisk>) -> Self {
+        assert!(config.chunk_bytes.is_power_of_two());
+        assert!((4096..=DIGEST_BLOCK_BYTES).contains(&config.chunk_bytes));
+        assert!(config.data_streams > 0 && config.reads_in_flight_max > 0);
+        let bytes_total = disks.iter().map(|d| d.size).sum();
+        let disks: Vec<DiskState> = disks
+            .into_iter()
+            .map(|disk| {
+                debug_assert!(disk.allocated.windows(2).all(|w| w[0].end <= w[1].start));
+                let blocks = disk.size.div_ceil(DIGEST_BLOCK_BYTES as u64) as usize;
+                DiskState {
+                    size: disk.size,
+                    identity: disk.identity,
+                    allocated: disk.allocated,
+                    extent: 0,
+                    next_block: 0,
+                    digests: vec![None; blocks],
+                    verified_blocks: 0,
+                }
+            })
+            .collect();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            features: FEATURES_SUPPORTED,
+            session_id: config.session_id,
+            chunk_bytes: config.chunk_bytes,
+            data_streams: config.data_streams,
+            disks: disks
+                .iter()
+                .map(|d| DiskInfo {
+                    size: d.size,
+                    identity: d.identity.clone(),
+                })
+                .collect(),
+        };
+        let streams = config.data_streams as usize;
+        let mut migration = Self {
+            config,
+            phase: Phase::Handshake,
+            disks,
+            next_generation: 1,
+            next_token: 1,
+            next_barrier: 1,
+            reads: HashMap::new(),
+            bulk_disk: 0,
+            transmit: VecDeque::new(),
+            transmit_bytes: 0,
+            frames_sent: vec![0; streams],
+            io: VecDeque::new(),
+            events: VecDeque::new(),
+            progress: SourceProgress {
+                bytes_total,
+                phase: Phase::Handshake.name(),
+                ..Default::default()
+            },
+        };
+        migration.push_transmit(Transmit::Control(Control::Hello(hello)));
+        migration
+    }
+
+    /// Counters so far.
+    pub fn progress(&self) -> SourceProgress {
+        SourceProgress {
+            phase: self.phase.name(),
+            ..self.progress.clone()
+        }
+    }
+
+    /// True once the migration completed or failed.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed)
+    }
+
+    /// The next frame to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        let transmit = self.transmit.pop_front()?;
+        self.transmit_bytes -= transmit.queued_bytes();
+        match &transmit {
+            Transmit::Data { stream, .. } | Transmit::Zero { stream, .. } => {
+                self.frames_sent[*stream as usize] += 1;
+            }
+            Transmit::Control(_) => {}
+        }
+        Some(transmit)
+    }
+
+    /// The next read to submit.
+    pub fn poll_io(&mut self) -> Option<ReadRequest> {
+        if self.io.is_empty() {
+            self.plan_bulk();
+        }
+        self.io.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<SourceEvent> {
+        self.events.pop_front()
+    }
+
+    /// A message from the target.
+    pub fn handle_control(&mut self, message: Control) {
+        if self.is_finished() {
+            return;
+        }
+        match (self.phase, message) {
+            (_, Control::Error { code, message }) => {
+                self.fail(MigrationError::Peer(format!("{code:?}: {message}")), false);
+            }
+            (Phase::Handshake, Control::Welcome(welcome)) => {
+                if welcome.version != PROTOCOL_VERSION {
+                    return self.fail(
+                        MigrationError::Incompatible(format!(
+                            "target speaks protocol version {}",
+                            welcome.version
+                        )),
+                        true,
+                    );
+                }
+                if welcome.features & FEATURES_REQUIRED != FEATURES_REQUIRED {
+                    return self.fail(
+                        MigrationError::Incompatible(format!(
+                            "target lacks required features {:#x}",
+                            FEATURES_REQUIRED & !welcome.features
+                        )),
+                        true,
+                    );
+                }
+                self.set_phase(Phase::Bulk);
+                self.events.push_back(SourceEvent::Connected);
+                self.maybe_finish_bulk();
+            }
+            (Phase::Flush { barrier }, Control::BarrierDone { id }) if id == barrier => {
+                self.events.push_back(SourceEvent::Flushed);
+                if self.config.verify {
+                    self.set_phase(Phase::Verify);
+                    for disk in 0..self.disks.len() {
+                        let blocks = self.disks[disk].blocks();
+                        self.push_transmit(Transmit::Control(Control::DigestRequest {
+                            disk: disk as u32,
+                            block_bytes: DIGEST_BLOCK_BYTES,
+                            block: 0,
+                            block_count: blocks,
+                        }));
+                    }
+                    self.maybe_finish_verify();
+                } else {
+                    self.set_phase(Phase::Complete);
+                    self.push_transmit(Transmit::Control(Control::Complete));
+                }
+            }
+            (
+                Phase::Verify,
+                Control::Digests {
+                    disk,
+                    block,
+                    digests,
+                },
+            ) => self.handle_digests(disk, block, &digests),
+            (Phase::Complete, Control::CompleteDone) => {
+                self.set_phase(Phase::Done);
+                let verified = self.config.verify;
+                self.events
+                    .push_back(SourceEvent::Completed(SourceSummary {
+                        progress: self.progress(),
+                        verified,
+                    }));
+            }
+            (phase, message) => self.fail(
+                MigrationError::Protocol(format!(
+                    "unexpected {} in phase {}",
+                    message_name(&message),
+                    phase.name()
+                )),
+                true,
+            ),
+        }
+    }
+
+    /// A read completed with `data` (exactly the requested length).
+    pub fn handle_read_done(&mut self, token: u64, data: Bytes) {
+        let Some((disk, block)) = self.reads.remove(&token) else {
+            panic!("read completion for unknown token {token}");
+        };
+        if self.is_finished() {
+            return;
+        }
+        let state = &mut self.disks[disk as usize];
+        let range = state.block_range(block);
+        assert_eq!(data.len() as u64, range.end - range.start, "short read reached the engine");
+        state.digests[block as usize] = Some(digest(&data));
+        self.progress.bytes_read += data.len() as u64;
+        self.send_block(disk, range.start, data);
+        self.maybe_finish_bulk();
+    }
+
+    /// A read failed. The migration fails; the source disk is untouched by the copy.
+    pub fn handle_read_failed(&mut self, token: u64, message: String) {
+        let Some((disk, _)) = self.reads.remove(&token) else {
+            panic!("read failure for unknown token {token}");
+        };
+        self.fail(MigrationError::Disk { disk, message }, true);
+    }
+
+    /// The connection or a stream failed underneath.
+    pub fn handle_transport_failed(&mut self, message: String) {
+        self.fail(MigrationError::Transport(message), false);
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.progress.phase = phase.name();
+    }
+
+    fn fail(&mut self, error: MigrationError, tell_peer: bool) {
+        if self.is_finished() {
+            return;
+        }
+        self.set_phase(Phase::Failed);
+        self.io.clear();
+        self.transmit.clear();
+        self.transmit_bytes = 0;
+        if tell_peer {
+            let code = match &error {
+                MigrationError::Protocol(_) => ErrorCode::Protocol,
+                MigrationError::Incompatible(_) => ErrorCode::Incompatible,
+                MigrationError::Disk { .. } => ErrorCode::Disk,
+                MigrationError::VerifyMismatch { .. } => ErrorCode::VerifyFailed,
+                MigrationError::Cancelled => ErrorCode::Cancelled,
+                _ => ErrorCode::Internal,
+            };
+            self.transmit.push_back(Transmit::Control(Control::Error {
+                code,
+                message: error.to_string(),
+            }));
+        }
+        self.events.push_back(SourceEvent::Failed(error));
+    }
+
+    /// Cancels the migration: tells the target and fails.
+    pub fn cancel(&mut self) {
+        self.fail(MigrationError::Cancelled, true);
+    }
+
+    fn push_transmit(&mut self, transmit: Transmit) {
+        self.transmit_bytes += transmit.queued_bytes();
+        self.transmit.push_back(transmit);
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        generation
+    }
+
+    /// The data stream a frame starting at `chunk` goes on: fixed per digest block, so that
+    /// frames of one block are ordered by the stream as well as by their generation.
+    fn stream_for(&self, disk: u32, byte: u64) -> u16 {
+        let block = byte / DIGEST_BLOCK_BYTES as u64;
+        ((block + disk as u64) % self.config.data_streams as u64) as u16
+    }
+
+    /// Plans bulk work until the read window or the transmit queue is full.
+    fn plan_bulk(&mut self) {
+        if self.phase != Phase::Bulk {
+            return;
+        }
+        while self.reads.len() < self.config.reads_in_flight_max
+            && self.transmit_bytes < self.config.transmit_queue_bytes_max
+            && self.bulk_disk < self.disks.len()
+        {
+            let disk_index = self.bulk_disk;
+            let disk = &mut self.disks[disk_index];
+            let block = disk.next_block;
+            if block >= disk.blocks() {
+                self.bulk_disk += 1;
+                continue;
+            }
+            let next = disk.next_allocated_block(block);
+            if next > block {
+                // A run of blocks with no allocated byte: zero ranges, never read.
+                for b in block..next {
+                    let len = {
+                        let r = disk.block_range(b);
+                        (r.end - r.start) as usize
+                    };
+                    disk.digests[b as usize] = Some(zero_digest(len));
+                }
+                disk.next_block = next;
+                let start = block * DIGEST_BLOCK_BYTES as u64;
+                let end = (next * DIGEST_BLOCK_BYTES as u64).min(disk.size);
+                self.send_zero_range(disk_index as u32, start..end);
+                continue;
+            }
+            disk.next_block += 1;
+            let range = disk.block_range(block);
+            let token = self.next_token;
+            self.next_token += 1;
+            self.reads.insert(token, (disk_index as u32, block));
+            self.io.push_back(ReadRequest {
+                token,
+                disk: disk_index as u32,
+                offset: range.start,
+                len: (range.end - range.start) as u32,
+            });
+        }
+        assert!(self.reads.len() <= self.config.reads_in_flight_max);
+    }
+
+    /// Queues a zero-range frame (several if the range exceeds a frame's chunk count).
+    fn send_zero_range(&mut self, disk: u32, range: Range<u64>) {
+        let chunk_bytes = self.config.chunk_bytes as u64;
+        debug_assert_eq!(range.start % chunk_bytes, 0);
+        let mut chunk = range.start / chunk_bytes;
+        let end_chunk = range.end.div_ceil(chunk_bytes);
+        while chunk < end_chunk {
+            let count = (end_chunk - chunk).min(u32::MAX as u64) as u32;
+            let generation = self.next_generation();
+            let stream = self.stream_for(disk, chunk * chunk_bytes);
+            self.push_transmit(Transmit::Zero {
+                stream,
+                disk,
+                chunk,
+                chunk_count: count,
+                generation,
+            });
+            chunk += count as u64;
+        }
+        self.progress.bytes_zero += range.end - range.start;
+        self.progress.bytes_done += range.end - range.start;
+    }
+
+    /// Splits a block read into runs of zero and non-zero chunks and queues their frames.
+    fn send_block(&mut self, disk: u32, offset: u64, data: Bytes) {
+        let chunk_bytes = self.config.chunk_bytes as usize;
+        debug_assert_eq!(offset % chunk_bytes as u64, 0);
+        let first_chunk = offset / chunk_bytes as u64;
+        let chunks = data.len().div_ceil(chunk_bytes);
+        let mut run_start = 0;
+        while run_start < chunks {
+            let zero = is_zero(chunk_slice(&data, run_start, chunk_bytes));
+            let mut run_end = run_start + 1;
+            while run_end < chunks && is_zero(chunk_slice(&data, run_end, chunk_bytes)) == zero {
+                run_end += 1;
+            }
+            let byte_start = run_start * chunk_bytes;
+            let byte_end = (run_end * chunk_bytes).min(data.len());
+            let chunk = first_chunk + run_start as u64;
+            let count = (run_end - run_start) as u32;
+            let generation = self.next_generation();
+            let stream = self.stream_for(disk, offset);
+            if zero {
+                self.progress.bytes_zero += (byte_end - byte_start) as u64;
+                self.push_transmit(Transmit::Zero {
+                    stream,
+                    disk,
+                    chunk,
+                    chunk_count: count,
+                    generation,
+                });
+            } else {
+                self.progress.bytes_data += (byte_end - byte_start) as u64;
+                self.push_transmit(Transmit::Data {
+                    stream,
+                    disk,
+                    chunk,
+                    chunk_count: count,
+                    generation,
+                    data: data.slice(byte_start..byte_end),
+                });
+            }
+            self.progress.bytes_done += (byte_end - byte_start) as u64;
+            run_start = run_end;
+        }
+    }
+
+    fn maybe_finish_bulk(&mut self) {
+        if self.phase != Phase::Bulk
+            || !self.reads.is_empty()
+            || self.bulk_disk < self.disks.len()
+            || !self.io.is_empty()
+        {
+            return;
+        }
+        // Every block was planned; check it also had to be: the bulk cursor covered each disk.
+        for disk in &self.disks {
+            assert!(disk.next_block >= disk.blocks());
+            debug_assert!(disk.digests.iter().all(Option::is_some));
+        }
+        assert_eq!(self.progress.bytes_done, self.progress.bytes_total);
+        self.events.push_back(SourceEvent::BulkDone);
+        let barrier = self.next_barrier;
+        self.next_barrier += 1;
+        self.set_phase(Phase::Flush { barrier });
+        // The barrier goes behind every frame still queued: its counts are the frames already
+        // handed to the driver plus those queued ahead of it.
+        let mut frames = self.frames_sent.clone();
+        for transmit in &self.transmit {
+            if let Transmit::Data { stream, .. } | Transmit::Zero { stream, .. } = transmit {
+                frames[*stream as usize] += 1;
+            }
+        }
+        self.push_transmit(Transmit::Control(Control::Barrier {
+            id: barrier,
+            frames,
+        }));
+    }
+
+    fn handle_digests(&mut self, disk: u32, block: u64, digests: &[u128]) {
+        let Some(state) = self.disks.get_mut(disk as usize) else {
+            return self.fail(
+                MigrationError::Protocol(format!("digests for unknown disk {disk}")),
+                true,
+            );
+        };
+        let end = block.checked_add(digests.len() as u64);
+        if block != state.verified_blocks || end.is_none_or(|end| end > state.blocks()) {
+            return self.fail(
+                MigrationError::Protocol(format!(
+                    "digests for blocks {block}.. out of order or past the disk"
+                )),
+                true,
+            );
+        }
+        for (i, target) in digests.iter().enumerate() {
+            let b = block + i as u64;
+            let source = state.digests[b as usize].expect("every block was digested in bulk");
+            if source != *target {
+                let range = state.block_range(b);
+                return self.fail(
+                    MigrationError::VerifyMismatch {
+                        disk,
+                        start: range.start,
+                        end: range.end,
+                    },
+                    true,
+                );
+            }
+        }
+        state.verified_blocks += digests.len() as u64;
+        self.maybe_finish_verify();
+    }
+
+    fn maybe_finish_verify(&mut self) {
+        let complete = self
+            .disks
+            .iter()
+            .all(|disk| disk.verified_blocks == disk.blocks());
+        if self.phase == Phase::Verify && complete {
+            self.set_phase(Phase::Complete);
+            self.push_transmit(Transmit::Control(Control::Complete));
+        }
+    }
+}
+
+fn chunk_slice(data: &[u8], chunk: usize, chunk_bytes: usize) -> &[u8] {
+    let start = chunk * chunk_bytes;
+    &data[start..(start + chunk_bytes).min(data.len())]
+}
+
+/// A short name of a control message, for errors.
+pub(crate) fn message_name(message: &Control) -> &'static str {
+    match message {
+        Control::Hello(_) => "Hello",
+        Control::Welcome(_) => "Welcome",
+        Control::Barrier { .. } => "Barrier",
+        Control::BarrierDone { .. } => "BarrierDone",
+        Control::DigestRequest { .. } => "DigestRequest",
+        Control::Digests { .. } => "Digests",
+        Control::Complete => "Complete",
+        Control::CompleteDone => "CompleteDone",
+        Control::Error { .. } => "Error",
+    }
+}

@@ -1,0 +1,630 @@
+//! The target side of a migration as a sans-IO state machine.
+//!
+//! [`TargetMigration`] validates every frame (invariant I5), orders writes of the same chunk
+//! (I3), answers barriers with flushes and digest requests with digests. It does no IO; a
+//! driver (see `driver::target`) performs its outputs. Call order, repeated until
+//! `poll_event` yields [`TargetEvent::Completed`] or [`TargetEvent::Failed`]:
+//!
+//! 1. `poll_transmit` until `None` — send each control message;
+//! 2. `poll_io` until `None` — perform each [`TargetIo`];
+//! 3. `poll_event` until `None`;
+//! 4. wait for one input: a frame (`handle_frame`, only while `can_accept_frame`), a control
+//!    message (`handle_control`), or an IO completion (`handle_io_done` / `handle_io_failed`).
+//!
+//! Per-chunk order (I3): every chunk remembers the generation of the last write issued for it,
+//! and at most one write per chunk is in flight. A frame touching a chunk with a write in
+//! flight waits; when it runs, only chunks whose stored generation is older are written. So
+//! however frames are reordered, duplicated or delayed, each chunk ends with the bytes of the
+//! newest generation the source sent.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use tern_transport::control::{DIGESTS_PER_MESSAGE, FEATURES_REQUIRED, FEATURES_SUPPORTED};
+use tern_transport::{Control, ErrorCode, Frame, Hello, PROTOCOL_VERSION, Welcome};
+
+use crate::error::MigrationError;
+use crate::source::message_name;
+
+/// Frames received but not yet written (in flight or waiting) above which the driver stops
+/// reading the data streams; QUIC flow control then slows the source (I6).
+pub const FRAMES_PENDING_MAX: usize = 64;
+
+/// IO the driver must perform for the target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetIo {
+    /// Write `data` at `offset`.
+    Write {
+        /// Echoed in the completion.
+        token: u64,
+        /// Disk index.
+        disk: u32,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Make `len` bytes at `offset` read as zeros, keeping them sparse.
+    WriteZeroes {
+        /// Echoed in the completion.
+        token: u64,
+        /// Disk index.
+        disk: u32,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// fdatasync the disk.
+    Flush {
+        /// Echoed in the completion.
+        token: u64,
+        /// Disk index.
+        disk: u32,
+    },
+    /// Compute digests of `block_count` blocks of `block_bytes` from `block` (the last block
+    /// clipped to the disk's end); complete with `handle_digests_done`.
+    Digest {
+        /// Echoed in the completion.
+        token: u64,
+        /// Disk index.
+        disk: u32,
+        /// Block size.
+        block_bytes: u32,
+        /// First block.
+        block: u64,
+        /// Number of blocks.
+        block_count: u64,
+    },
+    /// The copy is complete: durably mark the images complete, then `handle_io_done`.
+    MarkComplete {
+        /// Echoed in the completion.
+        token: u64,
+    },
+}
+
+/// What the target reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetEvent {
+    /// The source finished; the images are complete.
+    Completed,
+    /// Failed; the images are incomplete and must not be used.
+    Failed(MigrationError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Done,
+    Failed,
+}
+
+#[derive(Debug)]
+struct DiskState {
+    size: u64,
+    /// Generation of the last write issued per chunk; 0 = never written.
+    generation: Vec<u64>,
+    /// A write of this chunk is in flight.
+    busy: Vec<bool>,
+}
+
+/// A validated frame waiting for its chunks to be free.
+#[derive(Debug)]
+struct PendingFrame {
+    disk: u32,
+    chunk: u64,
+    chunk_count: u32,
+    generation: u64,
+    /// `None` for zero ranges.
+    data: Option<Bytes>,
+}
+
+#[derive(Debug)]
+enum InFlight {
+    Write { disk: u32, chunks: std::ops::Range<u64> },
+    Flush,
+    Digest { disk: u32, block: u64, end: u64, block_bytes: u32 },
+    MarkComplete,
+}
+
+/// The target of a migration. See the module documentation for the call order.
+#[derive(Debug)]
+pub struct TargetMigration {
+    phase: Phase,
+    chunk_bytes: u64,
+    disks: Vec<DiskState>,
+    frames_received: Vec<u64>,
+    barrier: Option<(u64, Vec<u64>)>,
+    flushes_pending: usize,
+    deferred: VecDeque<PendingFrame>,
+    in_flight: HashMap<u64, InFlight>,
+    writes_in_flight: usize,
+    next_token: u64,
+    io: VecDeque<TargetIo>,
+    transmit: VecDeque<Control>,
+    events: VecDeque<TargetEvent>,
+    bytes_written: u64,
+}
+
+impl TargetMigration {
+    /// Checks the source's handshake against the target's disks (their sizes, in order) and
+    /// returns the machine and the answer to send. An incompatible hello gives the error to
+    /// send back.
+    pub fn accept(hello: &Hello, disk_sizes: &[u64]) -> Result<(Self, Control), MigrationError> {
+        if hello.version != PROTOCOL_VERSION {
+            return Err(MigrationError::Incompatible(format!(
+                "source speaks protocol version {}, this target {}",
+                hello.version, PROTOCOL_VERSION
+            )));
+        }
+        if hello.features & FEATURES_REQUIRED != FEATURES_REQUIRED {
+            return Err(MigrationError::Incompatible(format!(
+                "source lacks required features {:#x}",
+                FEATURES_REQUIRED & !hello.features
+            )));
+        }
+        if !hello.chunk_bytes.is_power_of_two() || !(4096..=1 << 20).contains(&hello.chunk_bytes)
+        {
+            return Err(MigrationError::Incompatible(format!(
+                "chunk size {} is not a power of two between 4 KiB and 1 MiB",
+                hello.chunk_bytes
+            )));
+        }
+        if hello.data_streams == 0 || hello.data_streams > 64 {
+            return Err(MigrationError::Incompatible(format!(
+                "{} data streams (1 to 64 allowed)",
+                hello.data_streams
+            )));
+        }
+        if hello.disks.len() != disk_sizes.len() {
+            return Err(MigrationError::Incompatible(format!(
+                "source sends {} disks, target has {}",
+                hello.disks.len(),
+                disk_sizes.len()
+            )));
+        }
+        for (i, (disk, size)) in hello.disks.iter().zip(disk_sizes).enumerate() {
+            if disk.size != *size {
+                return Err(MigrationError::Incompatible(format!(
+                    "disk {i}: source is {} bytes, target image is {size} bytes",
+                    disk.size
+                )));
+            }
+        }
+        let chunk_bytes = hello.chunk_bytes as u64;
+        let disks = disk_sizes
+            .iter()
+            .map(|size| {
+                let chunks = size.div_ceil(chunk_bytes) as usize;
+                DiskState {
+                    size: *size,
+                    generation: vec![0; chunks],
+                    busy: vec![false; chunks],
+                }
+            })
+            .collect();
+        let machine = Self {
+            phase: Phase::Running,
+            chunk_bytes,
+            disks,
+            frames_received: vec![0; hello.data_streams as usize],
+            barrier: None,
+            flushes_pending: 0,
+            deferred: VecDeque::new(),
+            in_flight: HashMap::new(),
+            writes_in_flight: 0,
+            next_token: 1,
+            io: VecDeque::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            bytes_written: 0,
+        };
+        let welcome = Control::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            features: FEATURES_SUPPORTED & hello.features,
+        });
+        Ok((machine, welcome))
+    }
+
+    /// True while the driver may hand over another frame (I6: bounded pending writes).
+    pub fn can_accept_frame(&self) -> bool {
+        self.writes_in_flight + self.deferred.len() < FRAMES_PENDING_MAX
+    }
+
+    /// Bytes written to the disks so far (data, not zero ranges).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// True once completed or failed.
+    pub fn is_finished(&self) -> bool {
+        self.phase != Phase::Running
+    }
+
+    /// The next control message to send.
+    pub fn poll_transmit(&mut self) -> Option<Control> {
+        self.transmit.pop_front()
+    }
+
+    /// The next IO to perform.
+    pub fn poll_io(&mut self) -> Option<TargetIo> {
+        self.io.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<TargetEvent> {
+        self.events.pop_front()
+    }
+
+    /// A decoded frame from data stream `stream`.
+    pub fn handle_frame(&mut self, stream: u16, frame: Frame) {
+        if self.is_finished() {
+            return;
+        }
+        let Some(received) = self.frames_received.get_mut(stream as usize) else {
+            return self.protocol_error(format!("frame on unannounced data stream {stream}"));
+        };
+        *received += 1;
+        let pending = match frame {
+            Frame::Data {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                data,
+            } => PendingFrame {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                data: Some(data),
+            },
+            Frame::Zero {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+            } => PendingFrame {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                data: None,
+            },
+            Frame::Control(_) => {
+                return self.protocol_error("control frame on a data stream".into());
+            }
+        };
+        if let Err(message) = self.validate(&pending) {
+            return self.protocol_error(message);
+        }
+        if self.frame_blocked(&pending) {
+            self.deferred.push_back(pending);
+        } else {
+            self.start_frame(pending);
+        }
+        self.check_barrier();
+    }
+
+    /// A control message from the source.
+    pub fn handle_control(&mut self, message: Control) {
+        if self.is_finished() {
+            return;
+        }
+        match message {
+            Control::Barrier { id, frames } => {
+                if frames.len() != self.frames_received.len() || self.barrier.is_some() {
+                    return self.protocol_error("malformed or overlapping barrier".into());
+                }
+                self.barrier = Some((id, frames));
+                self.check_barrier();
+            }
+            Control::DigestRequest {
+                disk,
+                block_bytes,
+                block,
+                block_count,
+            } => {
+                let Some(state) = self.disks.get(disk as usize) else {
+                    return self.protocol_error(format!("digest request for unknown disk {disk}"));
+                };
+                let blocks = if block_bytes == 0 {
+                    0
+                } else {
+                    state.size.div_ceil(block_bytes as u64)
+                };
+                if block_bytes == 0
+                    || block_bytes as u64 % self.chunk_bytes != 0
+                    || block_bytes > 64 << 20
+                    || block.checked_add(block_count).is_none_or(|end| end > blocks)
+                {
+                    return self.protocol_error("digest request out of range".into());
+                }
+                // One batch per message, issued in order; the next batch starts when this one
+                // completes (see `handle_digests_done`).
+                self.start_digest(disk, block_bytes, block, block + block_count);
+            }
+            Control::Complete => {
+                if self.writes_in_flight > 0 || !self.deferred.is_empty() {
+                    return self.protocol_error("complete with writes outstanding".into());
+                }
+                let token = self.token();
+                self.in_flight.insert(token, InFlight::MarkComplete);
+                self.io.push_back(TargetIo::MarkComplete { token });
+            }
+            Control::Error { code, message } => {
+                self.fail(MigrationError::Peer(format!("{code:?}: {message}")), false);
+            }
+            other => self.protocol_error(format!("unexpected {}", message_name(&other))),
+        }
+    }
+
+    /// An IO other than a digest completed.
+    pub fn handle_io_done(&mut self, token: u64) {
+        let Some(op) = self.in_flight.remove(&token) else {
+            panic!("completion for unknown token {token}");
+        };
+        if self.is_finished() {
+            return;
+        }
+        match op {
+            InFlight::Write { disk, chunks } => {
+                self.writes_in_flight -= 1;
+                let state = &mut self.disks[disk as usize];
+                for chunk in chunks {
+                    debug_assert!(state.busy[chunk as usize]);
+                    state.busy[chunk as usize] = false;
+                }
+                self.run_deferred();
+                self.check_barrier();
+            }
+            InFlight::Flush => {
+                self.flushes_pending -= 1;
+                if self.flushes_pending == 0 {
+                    let (id, _) = self.barrier.take().expect("a flush belongs to a barrier");
+                    self.transmit.push_back(Control::BarrierDone { id });
+                }
+            }
+            InFlight::MarkComplete => {
+                self.phase = Phase::Done;
+                self.transmit.push_back(Control::CompleteDone);
+                self.events.push_back(TargetEvent::Completed);
+            }
+            InFlight::Digest { .. } => panic!("digest completions go to handle_digests_done"),
+        }
+    }
+
+    /// A digest IO completed with one digest per block.
+    pub fn handle_digests_done(&mut self, token: u64, digests: Vec<u128>) {
+        let Some(InFlight::Digest {
+            disk,
+            block,
+            end,
+            block_bytes,
+        }) = self.in_flight.remove(&token)
+        else {
+            panic!("digest completion for unknown token {token}");
+        };
+        if self.is_finished() {
+            return;
+        }
+        assert!(!digests.is_empty());
+        let next = block + digests.len() as u64;
+        assert!(next <= end);
+        self.transmit.push_back(Control::Digests {
+            disk,
+            block,
+            digests,
+        });
+        if next < end {
+            self.start_digest(disk, block_bytes, next, end);
+        }
+    }
+
+    /// An IO failed: the migration fails and the source is told.
+    pub fn handle_io_failed(&mut self, token: u64, disk: u32, message: String) {
+        self.in_flight.remove(&token);
+        self.fail(MigrationError::Disk { disk, message }, true);
+    }
+
+    /// A data stream carried bytes that do not decode (bad CRC, malformed header, …): the
+    /// source is told and the migration fails.
+    pub fn handle_protocol_violation(&mut self, message: String) {
+        self.protocol_error(message);
+    }
+
+    /// The connection failed underneath.
+    pub fn handle_transport_failed(&mut self, message: String) {
+        self.fail(MigrationError::Transport(message), false);
+    }
+
+    fn token(&mut self) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        token
+    }
+
+    fn start_digest(&mut self, disk: u32, block_bytes: u32, block: u64, end: u64) {
+        let count = (end - block).min(DIGESTS_PER_MESSAGE as u64);
+        let token = self.token();
+        self.in_flight.insert(
+            token,
+            InFlight::Digest {
+                disk,
+                block,
+                end,
+                block_bytes,
+            },
+        );
+        self.io.push_back(TargetIo::Digest {
+            token,
+            disk,
+            block_bytes,
+            block,
+            block_count: count,
+        });
+    }
+
+    /// I5: the frame's range lies inside its disk and its length matches the range.
+    fn validate(&self, frame: &PendingFrame) -> Result<(), String> {
+        let Some(disk) = self.disks.get(frame.disk as usize) else {
+            return Err(format!("frame for unknown disk {}", frame.disk));
+        };
+        if frame.generation == 0 {
+            return Err("frame with generation 0".into());
+        }
+        let chunks = disk.generation.len() as u64;
+        let end_chunk = frame.chunk.checked_add(frame.chunk_count as u64);
+        if frame.chunk_count == 0 || end_chunk.is_none_or(|end| end > chunks) {
+            return Err(format!(
+                "chunks {}+{} outside disk {} ({} chunks)",
+                frame.chunk, frame.chunk_count, frame.disk, chunks
+            ));
+        }
+        if let Some(data) = &frame.data {
+            let start = frame.chunk * self.chunk_bytes;
+            let end = ((frame.chunk + frame.chunk_count as u64) * self.chunk_bytes).min(disk.size);
+            if data.len() as u64 != end - start {
+                return Err(format!(
+                    "data frame for bytes {start}..{end} carries {} bytes",
+                    data.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn frame_blocked(&self, frame: &PendingFrame) -> bool {
+        let disk = &self.disks[frame.disk as usize];
+        let range = frame.chunk as usize..(frame.chunk + frame.chunk_count as u64) as usize;
+        disk.busy[range].iter().any(|busy| *busy)
+    }
+
+    /// Issues the writes of a frame whose chunks are all free: one per run of chunks whose
+    /// stored generation is older than the frame's.
+    fn start_frame(&mut self, frame: PendingFrame) {
+        let chunk_bytes = self.chunk_bytes;
+        let end = frame.chunk + frame.chunk_count as u64;
+        let mut chunk = frame.chunk;
+        while chunk < end {
+            let newer = |c: u64, disks: &[DiskState]| {
+                disks[frame.disk as usize].generation[c as usize] < frame.generation
+            };
+            if !newer(chunk, &self.disks) {
+                chunk += 1;
+                continue;
+            }
+            let run_start = chunk;
+            while chunk < end && newer(chunk, &self.disks) {
+                chunk += 1;
+            }
+            let disk = &mut self.disks[frame.disk as usize];
+            for c in run_start..chunk {
+                debug_assert!(!disk.busy[c as usize]);
+                disk.generation[c as usize] = frame.generation;
+                disk.busy[c as usize] = true;
+            }
+            let offset = run_start * chunk_bytes;
+            let byte_end = (chunk * chunk_bytes).min(disk.size);
+            let token = self.token();
+            self.in_flight.insert(
+                token,
+                InFlight::Write {
+                    disk: frame.disk,
+                    chunks: run_start..chunk,
+                },
+            );
+            self.writes_in_flight += 1;
+            match &frame.data {
+                Some(data) => {
+                    let frame_start = frame.chunk * chunk_bytes;
+                    let slice = data.slice(
+                        (offset - frame_start) as usize..(byte_end - frame_start) as usize,
+                    );
+                    self.bytes_written += slice.len() as u64;
+                    self.io.push_back(TargetIo::Write {
+                        token,
+                        disk: frame.disk,
+                        offset,
+                        data: slice,
+                    });
+                }
+                None => self.io.push_back(TargetIo::WriteZeroes {
+                    token,
+                    disk: frame.disk,
+                    offset,
+                    len: byte_end - offset,
+                }),
+            }
+        }
+    }
+
+    /// Starts deferred frames whose chunks became free, oldest first. A frame may be started
+    /// only if no older deferred frame overlaps it, so writes of a chunk keep arrival order.
+    fn run_deferred(&mut self) {
+        let mut index = 0;
+        while index < self.deferred.len() {
+            let frame = &self.deferred[index];
+            let overlaps_older = self.deferred.iter().take(index).any(|older| {
+                older.disk == frame.disk
+                    && older.chunk < frame.chunk + frame.chunk_count as u64
+                    && frame.chunk < older.chunk + older.chunk_count as u64
+            });
+            if overlaps_older || self.frame_blocked(frame) {
+                index += 1;
+                continue;
+            }
+            let frame = self.deferred.remove(index).expect("index in bounds");
+            self.start_frame(frame);
+        }
+    }
+
+    fn check_barrier(&mut self) {
+        let Some((_, frames)) = &self.barrier else {
+            return;
+        };
+        if self.flushes_pending > 0
+            || self.writes_in_flight > 0
+            || !self.deferred.is_empty()
+            || self
+                .frames_received
+                .iter()
+                .zip(frames)
+                .any(|(received, wanted)| received < wanted)
+        {
+            return;
+        }
+        for disk in 0..self.disks.len() as u32 {
+            let token = self.token();
+            self.in_flight.insert(token, InFlight::Flush);
+            self.flushes_pending += 1;
+            self.io.push_back(TargetIo::Flush { token, disk });
+        }
+    }
+
+    fn protocol_error(&mut self, message: String) {
+        self.fail(MigrationError::Protocol(message), true);
+    }
+
+    fn fail(&mut self, error: MigrationError, tell_peer: bool) {
+        if self.is_finished() {
+            return;
+        }
+        self.phase = Phase::Failed;
+        self.io.clear();
+        self.deferred.clear();
+        self.transmit.clear();
+        if tell_peer {
+            let code = match &error {
+                MigrationError::Disk { .. } => ErrorCode::Disk,
+                MigrationError::Incompatible(_) => ErrorCode::Incompatible,
+                _ => ErrorCode::Protocol,
+            };
+            self.transmit.push_back(Control::Error {
+                code,
+                message: error.to_string(),
+            });
+        }
+        self.events.push_back(TargetEvent::Failed(error));
+    }
+}

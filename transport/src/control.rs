@@ -1,0 +1,193 @@
+//! Control messages: postcard-encoded, carried in [`crate::FrameKind::Control`] frames on the
+//! control stream.
+//!
+//! postcard's format is specified and stable since 1.0 but not self-describing, so evolution is
+//! ours to manage: variants are never reordered or removed, new messages are appended as new
+//! variants and only sent when the peer announced the matching feature bit in the handshake.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::DecodeError;
+use crate::frame::{EncodedFrame, encode_control};
+
+/// Feature bit: the sender accepts zstd payloads.
+pub const FEATURE_ZSTD: u64 = 1 << 0;
+/// Feature bit: the sender understands zero-range frames.
+pub const FEATURE_ZERO_RANGES: u64 = 1 << 1;
+/// Features this build supports.
+pub const FEATURES_SUPPORTED: u64 = FEATURE_ZSTD | FEATURE_ZERO_RANGES;
+/// Features a peer must support for this build to talk to it.
+pub const FEATURES_REQUIRED: u64 = FEATURE_ZERO_RANGES;
+
+/// One disk in the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// An identity of the image the source copies (a name chosen by the operator or the path),
+    /// so a target can refuse to overwrite the wrong image.
+    pub identity: String,
+}
+
+/// The source's first message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version (also in every frame header).
+    pub version: u16,
+    /// Feature bits the source supports.
+    pub features: u64,
+    /// Random id of this migration; frames of another session are never applied.
+    pub session_id: [u8; 16],
+    /// Bytes per chunk, a power of two (the unit of chunk indexes and dirty tracking).
+    pub chunk_bytes: u32,
+    /// Number of unidirectional data streams the source will open.
+    pub data_streams: u16,
+    /// The disks, in index order.
+    pub disks: Vec<DiskInfo>,
+}
+
+/// The target's answer to [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Protocol version.
+    pub version: u16,
+    /// Feature bits both sides support.
+    pub features: u64,
+}
+
+/// Why a peer gave up. Sent in [`Control::Error`] before closing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A frame or message did not decode or broke a rule.
+    Protocol,
+    /// Versions or required features do not match.
+    Incompatible,
+    /// The target's image has the wrong size or identity.
+    ImageMismatch,
+    /// A disk operation failed.
+    Disk,
+    /// Verification found different bytes.
+    VerifyFailed,
+    /// The operator cancelled.
+    Cancelled,
+    /// Anything else.
+    Internal,
+}
+
+/// Every control message. Append only; never reorder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Source → target: first message.
+    Hello(Hello),
+    /// Target → source: accepted.
+    Welcome(Welcome),
+    /// Source → target: once the target has applied `frames[i]` frames from data stream `i`,
+    /// and all their writes completed, flush every disk and answer [`Control::BarrierDone`].
+    Barrier {
+        /// Barrier id, echoed back.
+        id: u64,
+        /// Frames the source sent on each data stream before this barrier.
+        frames: Vec<u64>,
+    },
+    /// Target → source: everything before barrier `id` is durable (written and fdatasync'ed).
+    BarrierDone {
+        /// The barrier's id.
+        id: u64,
+    },
+    /// Source → target: send digests of `block_count` blocks of `block_bytes` from `block`.
+    DigestRequest {
+        /// Disk index.
+        disk: u32,
+        /// Block size of the digests (a multiple of the chunk size).
+        block_bytes: u32,
+        /// First block.
+        block: u64,
+        /// Number of blocks.
+        block_count: u64,
+    },
+    /// Target → source: xxh3-128 digests of consecutive blocks (the last one clipped to the
+    /// disk's end).
+    Digests {
+        /// Disk index.
+        disk: u32,
+        /// First block.
+        block: u64,
+        /// One digest per block.
+        digests: Vec<u128>,
+    },
+    /// Source → target: the copy is complete and verified; the target may mark its image
+    /// complete.
+    Complete,
+    /// Target → source: the image is marked complete and durable.
+    CompleteDone,
+    /// Either side: giving up, with a reason. The connection closes after it.
+    Error {
+        /// Category.
+        code: ErrorCode,
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+impl Control {
+    /// Serializes into a control frame.
+    pub fn encode(&self) -> EncodedFrame {
+        let body = postcard::to_stdvec(self).expect("postcard serialization of owned data");
+        encode_control(Bytes::from(body)).expect("control messages stay below the frame limit")
+    }
+
+    /// Parses the body of a control frame.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        postcard::from_bytes(body).map_err(|e| DecodeError::Control(e.to_string()))
+    }
+}
+
+/// Digests per [`Control::Digests`] message: 16 bytes each, so a message stays near 64 KiB.
+pub const DIGESTS_PER_MESSAGE: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Frame, decode};
+
+    #[test]
+    fn hello_round_trips_through_a_frame() {
+        let hello = Control::Hello(Hello {
+            version: 1,
+            features: FEATURES_SUPPORTED,
+            session_id: [7; 16],
+            chunk_bytes: 65536,
+            data_streams: 4,
+            disks: vec![DiskInfo {
+                size: 1 << 30,
+                identity: "vm1-root".into(),
+            }],
+        });
+        let frame = hello.encode();
+        let mut bytes = frame.header.to_vec();
+        bytes.extend_from_slice(&frame.payload);
+        let (Frame::Control(body), _) = decode(&bytes).unwrap() else {
+            panic!("not a control frame")
+        };
+        assert_eq!(Control::decode(&body).unwrap(), hello);
+    }
+
+    #[test]
+    fn full_digest_message_fits_in_a_frame() {
+        let message = Control::Digests {
+            disk: 0,
+            block: u64::MAX,
+            digests: vec![u128::MAX; DIGESTS_PER_MESSAGE],
+        };
+        assert!(message.encode().payload.len() <= crate::FRAME_RAW_BYTES_MAX as usize);
+    }
+
+    #[test]
+    fn garbage_is_a_control_error() {
+        assert!(matches!(
+            Control::decode(&[0xff, 0xff, 0xff]),
+            Err(DecodeError::Control(_))
+        ));
+    }
+}

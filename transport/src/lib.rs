@@ -1,0 +1,26 @@
+//! Tern's wire protocol and QUIC transport.
+//!
+//! - [`frame`]: the fixed 48-byte frame header and data/zero/control frames as pure
+//!   `encode`/`decode` functions (zerocopy header, crc32fast, zstd payloads).
+//! - [`control`]: control messages in postcard, carried in control frames.
+//! - [`identity`]: keys, self-signed certificates and SHA-256 fingerprint pinning.
+//! - [`quic`]: the quinn endpoint with mutual TLS, tuned for bulk data, and framed streams.
+//!
+//! The byte layout and the message sequence are in `docs/protocol.md`.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod error;
+pub mod frame;
+pub mod identity;
+pub mod quic;
+
+pub use control::{Control, DiskInfo, ErrorCode, Hello, Welcome};
+pub use error::{DecodeError, TransportError};
+pub use frame::{
+    Codec, Compression, EncodedFrame, Encoder, Frame, FrameKind, ValidHeader, decode, decode_frame,
+    decode_header, encode_zero, FRAME_PAYLOAD_BYTES_MAX, FRAME_RAW_BYTES_MAX, HEADER_BYTES, PROTOCOL_VERSION,
+};
+pub use identity::{Fingerprint, Identity};
+pub use quic::{FrameReader, FrameWriter, TransportTuning, connect, listen};
+pub use quinn;
