@@ -170,7 +170,7 @@ unsafe impl Sync for BufPool {}
 impl BufPool {
     /// Allocates `slots` zeroed slots of `slot_bytes` (a multiple of `BUF_ALIGN`).
     pub(crate) fn new(slots: u16, slot_bytes: usize) -> Option<Arc<BufPool>> {
-        if slots == 0 || slot_bytes == 0 || slot_bytes % BUF_ALIGN != 0 {
+        if slots == 0 || slot_bytes == 0 || !slot_bytes.is_multiple_of(BUF_ALIGN) {
             return None;
         }
         let total = slot_bytes.checked_mul(usize::from(slots))?;

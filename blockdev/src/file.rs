@@ -155,8 +155,8 @@ impl FileTarget {
         if let (Some(direct), Some(alignment)) = (&self.direct, self.alignment) {
             let offset_align = alignment.offset as usize;
             let aligned_len = remaining / offset_align * offset_align;
-            if offset % u64::from(alignment.offset) == 0
-                && address % alignment.memory as usize == 0
+            if offset.is_multiple_of(u64::from(alignment.offset))
+                && address.is_multiple_of(alignment.memory as usize)
                 && aligned_len > 0
             {
                 return (direct, aligned_len);
@@ -265,7 +265,7 @@ impl FileTarget {
         let whole = if self.size == 0 {
             Vec::new()
         } else {
-            vec![0..self.size]
+            std::iter::once(0..self.size).collect()
         };
         if self.block_device {
             return Ok(whole);

@@ -541,3 +541,33 @@ fn drain_eventfd(wake: &OwnedFd) {
     // fd is non-blocking, so an empty counter returns EAGAIN instead of blocking.
     let _ = unsafe { libc::read(wake.as_raw_fd(), (&raw mut value).cast(), 8) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{IoChoice, OpenOptions};
+
+    #[test]
+    fn alloc_buf_uses_the_registered_pool_when_registration_succeeded() {
+        if let Err(error) = crate::probe::probe_uring() {
+            eprintln!("skipping: {error}");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = OpenOptions {
+            io: IoChoice::Uring,
+            direct: true,
+            read_only: false,
+            create: Some(1 << 20),
+        };
+        let target = Arc::new(FileTarget::open(&dir.path().join("p.img"), &options).expect("open"));
+        let backend = UringBackend::new(target).expect("ring");
+        let small = backend.alloc_buf(4096);
+        let too_big = backend.alloc_buf(POOL_SLOT_BYTES + 1);
+        assert_eq!(small.pool_slot().is_some(), backend.pool.is_some());
+        assert!(too_big.pool_slot().is_none());
+        if backend.pool.is_none() {
+            eprintln!("buffer registration failed here (RLIMIT_MEMLOCK?); heap buffers used");
+        }
+    }
+}

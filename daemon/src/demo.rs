@@ -63,7 +63,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             source_image.display()
         );
     }
-    crate::gen_image::generate(&source_image, args.size, "random=50,hole=25,text=25", 1, false)?;
+    crate::gen_image::generate(
+        &source_image,
+        args.size,
+        "random=50,hole=25,text=25",
+        1,
+        false,
+    )?;
     let source_identity = Identity::generate("tern-demo-source")?;
     let target_identity = Identity::generate("tern-demo-target")?;
 

@@ -58,7 +58,10 @@ fn parse_mix(mix: &str) -> anyhow::Result<Vec<(Kind, u32)>> {
             "text" => Kind::Text,
             other => bail!("unknown extent kind {other:?} (random, hole, zero, text)"),
         };
-        let percent: u32 = percent.trim().parse().with_context(|| format!("percent in {part:?}"))?;
+        let percent: u32 = percent
+            .trim()
+            .parse()
+            .with_context(|| format!("percent in {part:?}"))?;
         out.push((kind, percent));
     }
     let total: u32 = out.iter().map(|(_, p)| p).sum();
@@ -73,7 +76,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Writes the image described by the arguments.
-pub(crate) fn generate(out: &Path, size: u64, mix: &str, seed: u64, sync: bool) -> anyhow::Result<()> {
+pub(crate) fn generate(
+    out: &Path,
+    size: u64,
+    mix: &str,
+    seed: u64,
+    sync: bool,
+) -> anyhow::Result<()> {
     let mix = parse_mix(mix)?;
     let file = File::create(out).with_context(|| format!("create {}", out.display()))?;
     file.set_len(size).context("set image size")?;

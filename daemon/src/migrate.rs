@@ -142,7 +142,9 @@ pub(crate) async fn copy(
         bytes_data: report.summary.progress.bytes_data,
         bytes_wire: report.bytes_wire,
         duration_s: seconds,
-        throughput_mib_s: report.summary.progress.bytes_total as f64 / (1 << 20) as f64 / seconds.max(1e-9),
+        throughput_mib_s: report.summary.progress.bytes_total as f64
+            / (1 << 20) as f64
+            / seconds.max(1e-9),
         verified: report.summary.verified,
     })
 }

@@ -26,7 +26,9 @@ impl std::str::FromStr for CompressionMode {
             "off" => Ok(Self::Off),
             "zstd" => Ok(Self::Zstd),
             "auto" => Ok(Self::Auto),
-            other => Err(format!("compression must be auto, zstd or off, not {other:?}")),
+            other => Err(format!(
+                "compression must be auto, zstd or off, not {other:?}"
+            )),
         }
     }
 }
@@ -101,7 +103,11 @@ mod tests {
 
     fn window(policy: &mut CompressionPolicy, compress_ms: u64, wait_ms: u64) {
         for _ in 0..WINDOW_FRAMES {
-            let compress = if policy.compress_next() { compress_ms } else { 0 };
+            let compress = if policy.compress_next() {
+                compress_ms
+            } else {
+                0
+            };
             policy.record(
                 Duration::from_millis(compress),
                 Duration::from_millis(wait_ms),

@@ -19,5 +19,7 @@ pub mod source;
 pub mod target;
 
 pub use error::MigrationError;
-pub use source::{SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, SourceSummary, Transmit};
+pub use source::{
+    SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, SourceSummary, Transmit,
+};
 pub use target::{TargetEvent, TargetIo, TargetMigration};

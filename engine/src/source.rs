@@ -225,8 +225,7 @@ impl DiskState {
 
     fn block_allocated(&mut self, block: u64) -> bool {
         let range = self.block_range(block);
-        while self.extent < self.allocated.len() && self.allocated[self.extent].end <= range.start
-        {
+        while self.extent < self.allocated.len() && self.allocated[self.extent].end <= range.start {
             self.extent += 1;
         }
         self.allocated
@@ -346,6 +345,9 @@ impl SourceMigration {
 
     /// The next frame to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        // Planning happens here, not in `poll_io`: planning a hole queues frames, and the
+        // driver drains transmits before reads, so nothing planned is left unsent.
+        self.plan_bulk();
         let transmit = self.transmit.pop_front()?;
         self.transmit_bytes -= transmit.queued_bytes();
         match &transmit {
@@ -359,9 +361,6 @@ impl SourceMigration {
 
     /// The next read to submit.
     pub fn poll_io(&mut self) -> Option<ReadRequest> {
-        if self.io.is_empty() {
-            self.plan_bulk();
-        }
         self.io.pop_front()
     }
 
@@ -408,6 +407,9 @@ impl SourceMigration {
                     self.set_phase(Phase::Verify);
                     for disk in 0..self.disks.len() {
                         let blocks = self.disks[disk].blocks();
+                        if blocks == 0 {
+                            continue;
+                        }
                         self.push_transmit(Transmit::Control(Control::DigestRequest {
                             disk: disk as u32,
                             block_bytes: DIGEST_BLOCK_BYTES,
@@ -432,11 +434,10 @@ impl SourceMigration {
             (Phase::Complete, Control::CompleteDone) => {
                 self.set_phase(Phase::Done);
                 let verified = self.config.verify;
-                self.events
-                    .push_back(SourceEvent::Completed(SourceSummary {
-                        progress: self.progress(),
-                        verified,
-                    }));
+                self.events.push_back(SourceEvent::Completed(SourceSummary {
+                    progress: self.progress(),
+                    verified,
+                }));
             }
             (phase, message) => self.fail(
                 MigrationError::Protocol(format!(
@@ -459,7 +460,11 @@ impl SourceMigration {
         }
         let state = &mut self.disks[disk as usize];
         let range = state.block_range(block);
-        assert_eq!(data.len() as u64, range.end - range.start, "short read reached the engine");
+        assert_eq!(
+            data.len() as u64,
+            range.end - range.start,
+            "short read reached the engine"
+        );
         state.digests[block as usize] = Some(digest(&data));
         self.progress.bytes_read += data.len() as u64;
         self.send_block(disk, range.start, data);
@@ -577,6 +582,8 @@ impl SourceMigration {
             });
         }
         assert!(self.reads.len() <= self.config.reads_in_flight_max);
+        // A pass that needed no read (all holes) finishes here, not in a read completion.
+        self.maybe_finish_bulk();
     }
 
     /// Queues a zero-range frame (several if the range exceeds a frame's chunk count).
@@ -649,8 +656,8 @@ impl SourceMigration {
     fn maybe_finish_bulk(&mut self) {
         if self.phase != Phase::Bulk
             || !self.reads.is_empty()
-            || self.bulk_disk < self.disks.len()
             || !self.io.is_empty()
+            || self.disks.iter().any(|d| d.next_block < d.blocks())
         {
             return;
         }

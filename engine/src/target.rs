@@ -121,9 +121,17 @@ struct PendingFrame {
 
 #[derive(Debug)]
 enum InFlight {
-    Write { disk: u32, chunks: std::ops::Range<u64> },
+    Write {
+        disk: u32,
+        chunks: std::ops::Range<u64>,
+    },
     Flush,
-    Digest { disk: u32, block: u64, end: u64, block_bytes: u32 },
+    Digest {
+        disk: u32,
+        block: u64,
+        end: u64,
+        block_bytes: u32,
+    },
     MarkComplete,
 }
 
@@ -163,8 +171,7 @@ impl TargetMigration {
                 FEATURES_REQUIRED & !hello.features
             )));
         }
-        if !hello.chunk_bytes.is_power_of_two() || !(4096..=1 << 20).contains(&hello.chunk_bytes)
-        {
+        if !hello.chunk_bytes.is_power_of_two() || !(4096..=1 << 20).contains(&hello.chunk_bytes) {
             return Err(MigrationError::Incompatible(format!(
                 "chunk size {} is not a power of two between 4 KiB and 1 MiB",
                 hello.chunk_bytes
@@ -334,11 +341,16 @@ impl TargetMigration {
                     state.size.div_ceil(block_bytes as u64)
                 };
                 if block_bytes == 0
-                    || block_bytes as u64 % self.chunk_bytes != 0
+                    || !(block_bytes as u64).is_multiple_of(self.chunk_bytes)
                     || block_bytes > 64 << 20
-                    || block.checked_add(block_count).is_none_or(|end| end > blocks)
+                    || block
+                        .checked_add(block_count)
+                        .is_none_or(|end| end > blocks)
                 {
                     return self.protocol_error("digest request out of range".into());
+                }
+                if block_count == 0 {
+                    return;
                 }
                 // One batch per message, issued in order; the next batch starts when this one
                 // completes (see `handle_digests_done`).
@@ -538,9 +550,8 @@ impl TargetMigration {
             match &frame.data {
                 Some(data) => {
                     let frame_start = frame.chunk * chunk_bytes;
-                    let slice = data.slice(
-                        (offset - frame_start) as usize..(byte_end - frame_start) as usize,
-                    );
+                    let slice = data
+                        .slice((offset - frame_start) as usize..(byte_end - frame_start) as usize);
                     self.bytes_written += slice.len() as u64;
                     self.io.push_back(TargetIo::Write {
                         token,

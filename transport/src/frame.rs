@@ -197,29 +197,20 @@ pub enum Compression {
 /// compressed; otherwise the receiver's decompression is wasted work.
 pub const COMPRESSION_SAVING_MIN_PERCENT: usize = 10;
 
-fn header(
-    kind: FrameKind,
-    codec: Codec,
-    disk: u32,
-    chunk: u64,
-    chunk_count: u32,
-    generation: u64,
-    raw_len: u32,
-    payload_len: u32,
-    crc32: u32,
-) -> [u8; HEADER_BYTES] {
+/// Serializes a header; the inverse of [`decode_header`].
+pub fn encode_header(fields: &ValidHeader) -> [u8; HEADER_BYTES] {
     let header = FrameHeader {
         magic: U32::new(MAGIC),
         version: U16::new(PROTOCOL_VERSION),
-        kind: kind as u8,
-        codec: codec as u8,
-        disk: U32::new(disk),
-        chunk_count: U32::new(chunk_count),
-        chunk: U64::new(chunk),
-        generation: U64::new(generation),
-        raw_len: U32::new(raw_len),
-        payload_len: U32::new(payload_len),
-        crc32: U32::new(crc32),
+        kind: fields.kind as u8,
+        codec: fields.codec as u8,
+        disk: U32::new(fields.disk),
+        chunk_count: U32::new(fields.chunk_count),
+        chunk: U64::new(fields.chunk),
+        generation: U64::new(fields.generation),
+        raw_len: U32::new(fields.raw_len),
+        payload_len: U32::new(fields.payload_len),
+        crc32: U32::new(fields.crc32),
         reserved: U32::new(0),
     };
     let mut out = [0u8; HEADER_BYTES];
@@ -236,7 +227,9 @@ pub struct Encoder {
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder").field("level", &self.level).finish()
+        f.debug_struct("Encoder")
+            .field("level", &self.level)
+            .finish()
     }
 }
 
@@ -249,7 +242,10 @@ impl Default for Encoder {
 impl Encoder {
     /// An encoder with no compression context yet (made on first use).
     pub fn new() -> Self {
-        Self { compressor: None, level: 1 }
+        Self {
+            compressor: None,
+            level: 1,
+        }
     }
 
     /// Encodes a data frame. `data` must be non-empty and at most [`FRAME_RAW_BYTES_MAX`].
@@ -275,32 +271,32 @@ impl Encoder {
         {
             let len = compressed.len() as u32;
             return EncodedFrame {
-                header: header(
-                    FrameKind::Data,
-                    Codec::Zstd,
+                header: encode_header(&ValidHeader {
+                    kind: FrameKind::Data,
+                    codec: Codec::Zstd,
                     disk,
                     chunk,
                     chunk_count,
                     generation,
                     raw_len,
-                    len,
-                    crc,
-                ),
+                    payload_len: len,
+                    crc32: crc,
+                }),
                 payload: Bytes::from(compressed),
             };
         }
         EncodedFrame {
-            header: header(
-                FrameKind::Data,
-                Codec::Raw,
+            header: encode_header(&ValidHeader {
+                kind: FrameKind::Data,
+                codec: Codec::Raw,
                 disk,
                 chunk,
                 chunk_count,
                 generation,
                 raw_len,
-                raw_len,
-                crc,
-            ),
+                payload_len: raw_len,
+                crc32: crc,
+            }),
             payload: data,
         }
     }
@@ -326,17 +322,17 @@ impl Encoder {
 pub fn encode_zero(disk: u32, chunk: u64, chunk_count: u32, generation: u64) -> EncodedFrame {
     assert!(chunk_count > 0);
     EncodedFrame {
-        header: header(
-            FrameKind::Zero,
-            Codec::Raw,
+        header: encode_header(&ValidHeader {
+            kind: FrameKind::Zero,
+            codec: Codec::Raw,
             disk,
             chunk,
             chunk_count,
             generation,
-            0,
-            0,
-            0,
-        ),
+            raw_len: 0,
+            payload_len: 0,
+            crc32: 0,
+        }),
         payload: Bytes::new(),
     }
 }
@@ -351,17 +347,17 @@ pub fn encode_control(body: Bytes) -> Result<EncodedFrame, DecodeError> {
     }
     let len = body.len() as u32;
     Ok(EncodedFrame {
-        header: header(
-            FrameKind::Control,
-            Codec::Raw,
-            0,
-            0,
-            0,
-            0,
-            len,
-            len,
-            crc32fast::hash(&body),
-        ),
+        header: encode_header(&ValidHeader {
+            kind: FrameKind::Control,
+            codec: Codec::Raw,
+            disk: 0,
+            chunk: 0,
+            chunk_count: 0,
+            generation: 0,
+            raw_len: len,
+            payload_len: len,
+            crc32: crc32fast::hash(&body),
+        }),
         payload: body,
     })
 }
@@ -611,17 +607,17 @@ mod tests {
     fn decompression_beyond_raw_len_is_rejected() {
         // A zstd frame of 1 MiB of zeros, announced as 1000 bytes.
         let payload = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
-        let bytes_header = header(
-            FrameKind::Data,
-            Codec::Zstd,
-            0,
-            0,
-            1,
-            1,
-            1000,
-            payload.len() as u32,
-            0,
-        );
+        let bytes_header = encode_header(&ValidHeader {
+            kind: FrameKind::Data,
+            codec: Codec::Zstd,
+            disk: 0,
+            chunk: 0,
+            chunk_count: 1,
+            generation: 1,
+            raw_len: 1000,
+            payload_len: payload.len() as u32,
+            crc32: 0,
+        });
         let header = decode_header(&bytes_header).unwrap();
         assert!(matches!(
             decode_frame(&header, Bytes::from(payload)),

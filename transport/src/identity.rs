@@ -97,7 +97,8 @@ impl Clone for Identity {
 impl Identity {
     /// Makes a new ECDSA P-256 key and a self-signed certificate for it.
     pub fn generate(name: &str) -> Result<Self, TransportError> {
-        let key = rcgen::KeyPair::generate().map_err(|e| TransportError::BadIdentity(e.to_string()))?;
+        let key =
+            rcgen::KeyPair::generate().map_err(|e| TransportError::BadIdentity(e.to_string()))?;
         let params = rcgen::CertificateParams::new(vec![name.to_string()])
             .map_err(|e| TransportError::BadIdentity(e.to_string()))?;
         let cert = params
@@ -115,7 +116,8 @@ impl Identity {
     pub fn save(&self, dir: &Path) -> Result<(), TransportError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let io = |what, path: PathBuf| move |source| TransportError::Identity { what, path, source };
+        let io =
+            |what, path: PathBuf| move |source| TransportError::Identity { what, path, source };
         std::fs::create_dir_all(dir).map_err(io("create directory", dir.to_path_buf()))?;
         let cert_path = dir.join(CERT_FILE);
         std::fs::write(&cert_path, &self.cert_pem).map_err(io("write", cert_path.clone()))?;
@@ -148,8 +150,10 @@ impl Identity {
         let bad = |path: &Path, e: rustls::pki_types::pem::Error| {
             TransportError::BadIdentity(format!("{}: {e}", path.display()))
         };
-        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad(&cert_path, e))?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(&key_path, e))?;
+        let cert =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad(&cert_path, e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(&key_path, e))?;
         Ok(Self {
             cert,
             key,
@@ -207,7 +211,8 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity).map(|()| ServerCertVerified::assertion())
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -216,7 +221,12 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -225,11 +235,18 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -244,7 +261,8 @@ impl ClientCertVerifier for PinnedVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity).map(|()| ClientCertVerified::assertion())
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -253,7 +271,12 @@ impl ClientCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -262,11 +285,18 @@ impl ClientCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -18,8 +18,9 @@ pub mod quic;
 pub use control::{Control, DiskInfo, ErrorCode, Hello, Welcome};
 pub use error::{DecodeError, TransportError};
 pub use frame::{
-    Codec, Compression, EncodedFrame, Encoder, Frame, FrameKind, ValidHeader, decode, decode_frame,
-    decode_header, encode_zero, FRAME_PAYLOAD_BYTES_MAX, FRAME_RAW_BYTES_MAX, HEADER_BYTES, PROTOCOL_VERSION,
+    Codec, Compression, EncodedFrame, Encoder, FRAME_PAYLOAD_BYTES_MAX, FRAME_RAW_BYTES_MAX, Frame,
+    FrameKind, HEADER_BYTES, PROTOCOL_VERSION, ValidHeader, decode, decode_frame, decode_header,
+    encode_header, encode_zero,
 };
 pub use identity::{Fingerprint, Identity};
 pub use quic::{FrameReader, FrameWriter, TransportTuning, connect, listen};

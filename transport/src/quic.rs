@@ -93,7 +93,9 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
             "UDP receive buffer capped by net.core.rmem_max; raise it for fast links"
         );
     }
-    socket.bind(&addr.into()).map_err(TransportError::Endpoint)?;
+    socket
+        .bind(&addr.into())
+        .map_err(TransportError::Endpoint)?;
     Ok(socket.into())
 }
 
@@ -154,9 +156,7 @@ pub async fn connect(
         "0.0.0.0:0".parse().expect("valid address")
     };
     let endpoint = endpoint(local, None)?;
-    let connection = endpoint
-        .connect_with(client, target, "tern")?
-        .await?;
+    let connection = endpoint.connect_with(client, target, "tern")?.await?;
     Ok((endpoint, connection))
 }
 

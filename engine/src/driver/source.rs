@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::compression::{CompressionMode, CompressionPolicy};
 use crate::error::MigrationError;
-use crate::source::{SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, Transmit};
+use crate::source::{
+    SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, Transmit,
+};
 
 /// zstd level for data frames: level 1 gives most of the ratio at ~0.4 GB/s per core.
 const ZSTD_LEVEL: i32 = 1;
@@ -81,7 +83,10 @@ pub async fn run_source(
     let (control_send, control_recv) = connection.open_bi().await.map_err(|e| transport(&e))?;
     let mut control = FrameWriter::new(control_send);
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
-    tokio::spawn(read_control(FrameReader::new(control_recv), input_tx.clone()));
+    tokio::spawn(read_control(
+        FrameReader::new(control_recv),
+        input_tx.clone(),
+    ));
 
     let frames_compressed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut data_tx = Vec::new();
@@ -238,7 +243,10 @@ async fn write_data(
                 chunk_count,
                 generation,
                 ..
-            } => (encode_zero(disk, chunk, chunk_count, generation), Duration::ZERO),
+            } => (
+                encode_zero(disk, chunk, chunk_count, generation),
+                Duration::ZERO,
+            ),
             Transmit::Control(_) => unreachable!("control goes on the control stream"),
         };
         let send_started = Instant::now();

@@ -45,8 +45,15 @@ pub fn incomplete_marker(image: &Path) -> PathBuf {
 
 enum Input {
     IoDone(u64),
-    IoFailed { token: u64, disk: u32, message: String },
-    Digests { token: u64, digests: Vec<u128> },
+    IoFailed {
+        token: u64,
+        disk: u32,
+        message: String,
+    },
+    Digests {
+        token: u64,
+        digests: Vec<u128>,
+    },
     Control(Control),
     ProtocolViolation(String),
     TransportFailed(String),
@@ -93,7 +100,11 @@ pub async fn run_target(
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, control_reader.next()).await {
         Ok(Ok(Some((Frame::Control(body), _)))) => match Control::decode(&body) {
             Ok(Control::Hello(hello)) => hello,
-            Ok(_) => return Err(MigrationError::Protocol("first message is not Hello".into())),
+            Ok(_) => {
+                return Err(MigrationError::Protocol(
+                    "first message is not Hello".into(),
+                ));
+            }
             Err(e) => return Err(MigrationError::Protocol(e.to_string())),
         },
         Ok(Ok(_)) => return Err(MigrationError::Protocol("expected a Hello frame".into())),
@@ -213,7 +224,12 @@ pub async fn run_target(
     })
 }
 
-fn perform(devices: &[BlockDevice], images: &[PathBuf], io: TargetIo, tx: &mpsc::UnboundedSender<Input>) {
+fn perform(
+    devices: &[BlockDevice],
+    images: &[PathBuf],
+    io: TargetIo,
+    tx: &mpsc::UnboundedSender<Input>,
+) {
     let done = |token: u64, disk: u32| {
         let tx = tx.clone();
         Box::new(move |completion: tern_blockdev::Completion| {
@@ -295,7 +311,10 @@ fn mark_complete(images: &[PathBuf]) -> Result<(), String> {
     for image in images {
         let marker = incomplete_marker(image);
         std::fs::remove_file(&marker).map_err(|e| format!("remove {}: {e}", marker.display()))?;
-        let dir = image.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = image
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| format!("sync {}: {e}", dir.display()))?;
@@ -338,7 +357,10 @@ async fn digest_blocks(
         }
         let device = device.clone();
         reads.spawn(async move {
-            let buf: IoBuf = device.read(range.start, len).await.map_err(|e| e.to_string())?;
+            let buf: IoBuf = device
+                .read(range.start, len)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((i, digest(&buf)))
         });
     }
