@@ -1,1 +1,66 @@
-fn main() {}
+//! `tern-bench`: Tern's benchmark harness. Each scenario runs Tern and its peers in the same
+//! invocation, interleaved, and reports medians, ratios and whether the goals are met.
+
+mod copy;
+mod process;
+mod report;
+mod stats;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Benchmarks Tern against its peers on this machine (loopback).
+#[derive(Parser, Debug)]
+#[command(name = "tern-bench", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The scenarios.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Copy one seeded image with `qemu-img convert` → `qemu-nbd` and with `tern migrate`
+    /// (compress auto and zstd), interleaved.
+    Copy(copy::CopyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Copy(args) => run_copy(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the copy scenario, writes the JSON results and the report, prints the report.
+fn run_copy(args: &copy::CopyArgs) -> anyhow::Result<()> {
+    let results = copy::run(args)?;
+    let analysis = report::analyze(&results);
+    let json = serde_json::json!({
+        "scenario": "copy",
+        "config": results.config,
+        "runs": results.runs,
+        "analysis": analysis,
+    });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("write {}", args.out.display()))?;
+    let text = report::render(&results, &analysis);
+    std::fs::write(&args.report, &text)
+        .with_context(|| format!("write {}", args.report.display()))?;
+    print!("{text}");
+    eprintln!(
+        "tern-bench: wrote {} and {}",
+        args.out.display(),
+        args.report.display()
+    );
+    Ok(())
+}

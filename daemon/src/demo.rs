@@ -24,6 +24,9 @@ pub(crate) struct Args {
     /// Compression (see `tern migrate --help`).
     #[arg(long = "compress", default_value = "auto")]
     compression: CompressionMode,
+    /// Verification (see `tern migrate --help`).
+    #[arg(long, default_value = "written")]
+    verify: tern_engine::VerifyMode,
     /// Keep the images in this directory instead of a temporary one.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -88,7 +91,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             endpoint.close(0u32.into(), b"bye");
             report
         });
-        let options = crate::migrate::options(args.compression, 4, true);
+        let options = crate::migrate::options(args.compression, 4, args.verify);
         let copy = crate::migrate::copy(
             std::slice::from_ref(&source_image),
             address,

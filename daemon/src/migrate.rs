@@ -9,7 +9,7 @@ use serde::Serialize;
 use tern_blockdev::{BlockDevice, OpenOptions};
 use tern_engine::compression::CompressionMode;
 use tern_engine::driver::{SourceOptions, run_source};
-use tern_engine::{SourceConfig, SourceProgress};
+use tern_engine::{SourceConfig, SourceProgress, VerifyMode};
 use tern_transport::{Fingerprint, Identity, TransportTuning, connect};
 use tokio::sync::watch;
 
@@ -36,9 +36,12 @@ pub(crate) struct Args {
     /// Print one JSON summary line on stdout instead of the human summary.
     #[arg(long)]
     json: bool,
-    /// Skip the digest comparison after the copy (`verified` is then false).
-    #[arg(long)]
-    no_verify: bool,
+    /// How the copy is checked: `written` compares per-chunk digests of what the source read
+    /// and what the target handed to its disk (no extra IO); `read-back` makes the target read
+    /// its whole image back after the final flush (checks the disk too, costs a full read);
+    /// `off` skips the check (`verified` is then false).
+    #[arg(long, default_value = "written")]
+    verify: VerifyMode,
     /// QUIC data streams.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     streams: u16,
@@ -58,7 +61,7 @@ pub(crate) struct Summary {
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::load(&args.identity)
         .with_context(|| format!("load identity from {}", args.identity.display()))?;
-    let options = options(args.compression, args.streams, !args.no_verify);
+    let options = options(args.compression, args.streams, args.verify);
     let runtime = runtime()?;
     let summary = runtime.block_on(copy(
         &args.images,
@@ -79,7 +82,11 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start async runtime")
 }
 
-pub(crate) fn options(compression: CompressionMode, streams: u16, verify: bool) -> SourceOptions {
+pub(crate) fn options(
+    compression: CompressionMode,
+    streams: u16,
+    verify: VerifyMode,
+) -> SourceOptions {
     let mut session_id = [0u8; 16];
     rand::fill(&mut session_id);
     SourceOptions {

@@ -36,15 +36,16 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let endpoint = listen(args.listen, &identity, args.peer, &TransportTuning::default())
             .with_context(|| format!("listen on {}", args.listen))?;
         tracing::info!(listen = %endpoint.local_addr()?, fingerprint = %identity.fingerprint(), "waiting for the source");
-        let report = serve_one(&endpoint, &args.images, &OpenOptions::default())
-            .await
-            .context("migration failed; the target image is incomplete")?;
+        let result = serve_one(&endpoint, &args.images, &OpenOptions::default()).await;
+        // Let the last frames and the close (with its reason) reach the source, bounded.
+        endpoint.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+        let report = result.context("migration failed; the target image is incomplete")?;
         tracing::info!(
             bytes_written = report.bytes_written,
             seconds = report.duration.as_secs_f64(),
             "migration complete"
         );
-        endpoint.close(0u32.into(), b"bye");
         Ok(())
     })
 }

@@ -4,8 +4,8 @@
 //! read costs nothing next to the disk and the network. It detects corruption, not an
 //! adversary; the transport's TLS is what keeps an adversary out.
 
-/// Bytes per digest block: the bulk read size, so the source hashes exactly what it reads.
-pub const DIGEST_BLOCK_BYTES: u32 = 1 << 20;
+/// The largest block [`zero_digest`] handles: the largest chunk size.
+pub const DIGEST_BYTES_MAX: usize = 1 << 20;
 
 /// The digest of a block's bytes.
 pub fn digest(bytes: &[u8]) -> u128 {
@@ -15,9 +15,9 @@ pub fn digest(bytes: &[u8]) -> u128 {
 /// The digest of `len` zero bytes, without touching a disk.
 pub fn zero_digest(len: usize) -> u128 {
     thread_local! {
-        static ZEROS: Vec<u8> = vec![0; DIGEST_BLOCK_BYTES as usize];
+        static ZEROS: Vec<u8> = vec![0; DIGEST_BYTES_MAX];
     }
-    assert!(len <= DIGEST_BLOCK_BYTES as usize);
+    assert!(len <= DIGEST_BYTES_MAX);
     ZEROS.with(|zeros| digest(&zeros[..len]))
 }
 

@@ -20,6 +20,7 @@ pub mod target;
 
 pub use error::MigrationError;
 pub use source::{
-    SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, SourceSummary, Transmit,
+    SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, SourceSummary,
+    Transmit, VerifyMode,
 };
 pub use target::{TargetEvent, TargetIo, TargetMigration};

@@ -29,7 +29,11 @@ use bytes::Bytes;
 use tern_transport::control::{FEATURES_REQUIRED, FEATURES_SUPPORTED};
 use tern_transport::{Control, DiskInfo, ErrorCode, Hello, PROTOCOL_VERSION};
 
-use crate::digest::{DIGEST_BLOCK_BYTES, digest, is_zero, zero_digest};
+use crate::digest::{digest, is_zero, zero_digest};
+
+/// Bytes per bulk read (the "block" of the bulk cursor): large reads keep the disk streaming,
+/// and a block is split into frames per run of zero and non-zero chunks.
+pub const BULK_READ_BYTES: u32 = 1 << 20;
 use crate::error::MigrationError;
 
 /// Tunables of the source.
@@ -43,8 +47,8 @@ pub struct SourceConfig {
     pub reads_in_flight_max: usize,
     /// Bytes waiting in the transmit queue above which no new read is submitted.
     pub transmit_queue_bytes_max: usize,
-    /// Compare digests of the whole disk after the copy.
-    pub verify: bool,
+    /// How the copy is verified after the final flush.
+    pub verify: VerifyMode,
     /// Random id of this migration.
     pub session_id: [u8; 16],
 }
@@ -56,8 +60,38 @@ impl Default for SourceConfig {
             data_streams: 4,
             reads_in_flight_max: 16,
             transmit_queue_bytes_max: 16 << 20,
-            verify: true,
+            verify: VerifyMode::Written,
             session_id: [0; 16],
+        }
+    }
+}
+
+/// How the two sides check the copy. Either way both sides compare one xxh3-128 digest per
+/// chunk of the whole disk; they differ in where the target's digests come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// No comparison (`verified` is false).
+    Off,
+    /// The target digests each chunk from the exact buffer it handed to the disk, at the time
+    /// it issued the write; the comparison then costs no IO. It proves that every chunk the
+    /// target wrote last is the source's (network, codec, ordering of generations), and relies
+    /// on the disk's acknowledgement and fdatasync for what reached the medium.
+    Written,
+    /// The target reads its whole image back after the final flush and digests what it reads:
+    /// the disk is checked too, at the cost of reading every allocated byte again.
+    ReadBack,
+}
+
+impl std::str::FromStr for VerifyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "written" => Ok(Self::Written),
+            "read-back" => Ok(Self::ReadBack),
+            other => Err(format!(
+                "verify must be written, read-back or off, not {other:?}"
+            )),
         }
     }
 }
@@ -197,7 +231,7 @@ impl Phase {
     }
 }
 
-/// Per-disk state: the bulk cursor and the digests of what was sent.
+/// Per-disk state: the bulk cursor and the per-chunk digests of what was sent.
 #[derive(Debug)]
 struct DiskState {
     size: u64,
@@ -207,20 +241,49 @@ struct DiskState {
     extent: usize,
     /// Next digest block the bulk pass has not planned yet.
     next_block: u64,
-    /// Digest of each block as sent; `None` until its read completed.
+    chunk_bytes: u64,
+    /// Digest of each chunk as last sent; `None` until its read completed.
     digests: Vec<Option<u128>>,
-    /// Digest blocks whose target digest has arrived and matched.
-    verified_blocks: u64,
+    /// Chunks whose target digest has arrived and matched.
+    verified_chunks: u64,
 }
 
 impl DiskState {
     fn blocks(&self) -> u64 {
-        self.size.div_ceil(DIGEST_BLOCK_BYTES as u64)
+        self.size.div_ceil(BULK_READ_BYTES as u64)
+    }
+
+    fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk_bytes)
+    }
+
+    fn chunk_range(&self, chunk: u64) -> Range<u64> {
+        let start = chunk * self.chunk_bytes;
+        start..(start + self.chunk_bytes).min(self.size)
+    }
+
+    /// Records the digests of the chunks in `data`, which starts at byte `offset`.
+    fn record_digests(&mut self, offset: u64, data: &[u8]) {
+        debug_assert_eq!(offset % self.chunk_bytes, 0);
+        let first = offset / self.chunk_bytes;
+        for (i, chunk) in data.chunks(self.chunk_bytes as usize).enumerate() {
+            self.digests[first as usize + i] = Some(digest(chunk));
+        }
+    }
+
+    /// Records zero digests for the chunks of a byte range sent as zeros.
+    fn record_zero_digests(&mut self, range: Range<u64>) {
+        let first = range.start / self.chunk_bytes;
+        let end = range.end.div_ceil(self.chunk_bytes);
+        for chunk in first..end {
+            let r = self.chunk_range(chunk);
+            self.digests[chunk as usize] = Some(zero_digest((r.end - r.start) as usize));
+        }
     }
 
     fn block_range(&self, block: u64) -> Range<u64> {
-        let start = block * DIGEST_BLOCK_BYTES as u64;
-        start..(start + DIGEST_BLOCK_BYTES as u64).min(self.size)
+        let start = block * BULK_READ_BYTES as u64;
+        start..(start + BULK_READ_BYTES as u64).min(self.size)
     }
 
     fn block_allocated(&mut self, block: u64) -> bool {
@@ -239,7 +302,7 @@ impl DiskState {
             return block;
         }
         match self.allocated.get(self.extent) {
-            Some(extent) => (extent.start / DIGEST_BLOCK_BYTES as u64).max(block),
+            Some(extent) => (extent.start / BULK_READ_BYTES as u64).max(block),
             None => self.blocks(),
         }
     }
@@ -272,22 +335,23 @@ impl SourceMigration {
     /// Starts a migration of `disks`: queues the handshake.
     pub fn new(config: SourceConfig, disks: Vec<SourceDisk>) -> Self {
         assert!(config.chunk_bytes.is_power_of_two());
-        assert!((4096..=DIGEST_BLOCK_BYTES).contains(&config.chunk_bytes));
+        assert!((4096..=BULK_READ_BYTES).contains(&config.chunk_bytes));
         assert!(config.data_streams > 0 && config.reads_in_flight_max > 0);
         let bytes_total = disks.iter().map(|d| d.size).sum();
         let disks: Vec<DiskState> = disks
             .into_iter()
             .map(|disk| {
                 debug_assert!(disk.allocated.windows(2).all(|w| w[0].end <= w[1].start));
-                let blocks = disk.size.div_ceil(DIGEST_BLOCK_BYTES as u64) as usize;
+                let chunks = disk.size.div_ceil(config.chunk_bytes as u64) as usize;
                 DiskState {
                     size: disk.size,
                     identity: disk.identity,
                     allocated: disk.allocated,
                     extent: 0,
                     next_block: 0,
-                    digests: vec![None; blocks],
-                    verified_blocks: 0,
+                    chunk_bytes: config.chunk_bytes as u64,
+                    digests: vec![None; chunks],
+                    verified_chunks: 0,
                 }
             })
             .collect();
@@ -403,18 +467,19 @@ impl SourceMigration {
             }
             (Phase::Flush { barrier }, Control::BarrierDone { id }) if id == barrier => {
                 self.events.push_back(SourceEvent::Flushed);
-                if self.config.verify {
+                if self.config.verify != VerifyMode::Off {
                     self.set_phase(Phase::Verify);
                     for disk in 0..self.disks.len() {
-                        let blocks = self.disks[disk].blocks();
-                        if blocks == 0 {
+                        let chunks = self.disks[disk].chunks();
+                        if chunks == 0 {
                             continue;
                         }
                         self.push_transmit(Transmit::Control(Control::DigestRequest {
                             disk: disk as u32,
-                            block_bytes: DIGEST_BLOCK_BYTES,
+                            block_bytes: self.config.chunk_bytes,
                             block: 0,
-                            block_count: blocks,
+                            block_count: chunks,
+                            read_back: self.config.verify == VerifyMode::ReadBack,
                         }));
                     }
                     self.maybe_finish_verify();
@@ -433,7 +498,7 @@ impl SourceMigration {
             ) => self.handle_digests(disk, block, &digests),
             (Phase::Complete, Control::CompleteDone) => {
                 self.set_phase(Phase::Done);
-                let verified = self.config.verify;
+                let verified = self.config.verify != VerifyMode::Off;
                 self.events.push_back(SourceEvent::Completed(SourceSummary {
                     progress: self.progress(),
                     verified,
@@ -465,7 +530,7 @@ impl SourceMigration {
             range.end - range.start,
             "short read reached the engine"
         );
-        state.digests[block as usize] = Some(digest(&data));
+        state.record_digests(range.start, &data);
         self.progress.bytes_read += data.len() as u64;
         self.send_block(disk, range.start, data);
         self.maybe_finish_bulk();
@@ -533,7 +598,7 @@ impl SourceMigration {
     /// The data stream a frame starting at `chunk` goes on: fixed per digest block, so that
     /// frames of one block are ordered by the stream as well as by their generation.
     fn stream_for(&self, disk: u32, byte: u64) -> u16 {
-        let block = byte / DIGEST_BLOCK_BYTES as u64;
+        let block = byte / BULK_READ_BYTES as u64;
         ((block + disk as u64) % self.config.data_streams as u64) as u16
     }
 
@@ -556,16 +621,10 @@ impl SourceMigration {
             let next = disk.next_allocated_block(block);
             if next > block {
                 // A run of blocks with no allocated byte: zero ranges, never read.
-                for b in block..next {
-                    let len = {
-                        let r = disk.block_range(b);
-                        (r.end - r.start) as usize
-                    };
-                    disk.digests[b as usize] = Some(zero_digest(len));
-                }
                 disk.next_block = next;
-                let start = block * DIGEST_BLOCK_BYTES as u64;
-                let end = (next * DIGEST_BLOCK_BYTES as u64).min(disk.size);
+                let start = block * BULK_READ_BYTES as u64;
+                let end = (next * BULK_READ_BYTES as u64).min(disk.size);
+                disk.record_zero_digests(start..end);
                 self.send_zero_range(disk_index as u32, start..end);
                 continue;
             }
@@ -693,19 +752,19 @@ impl SourceMigration {
             );
         };
         let end = block.checked_add(digests.len() as u64);
-        if block != state.verified_blocks || end.is_none_or(|end| end > state.blocks()) {
+        if block != state.verified_chunks || end.is_none_or(|end| end > state.chunks()) {
             return self.fail(
                 MigrationError::Protocol(format!(
-                    "digests for blocks {block}.. out of order or past the disk"
+                    "digests for chunks {block}.. out of order or past the disk"
                 )),
                 true,
             );
         }
         for (i, target) in digests.iter().enumerate() {
             let b = block + i as u64;
-            let source = state.digests[b as usize].expect("every block was digested in bulk");
+            let source = state.digests[b as usize].expect("every chunk was digested in bulk");
             if source != *target {
-                let range = state.block_range(b);
+                let range = state.chunk_range(b);
                 return self.fail(
                     MigrationError::VerifyMismatch {
                         disk,
@@ -716,7 +775,7 @@ impl SourceMigration {
                 );
             }
         }
-        state.verified_blocks += digests.len() as u64;
+        state.verified_chunks += digests.len() as u64;
         self.maybe_finish_verify();
     }
 
@@ -724,7 +783,7 @@ impl SourceMigration {
         let complete = self
             .disks
             .iter()
-            .all(|disk| disk.verified_blocks == disk.blocks());
+            .all(|disk| disk.verified_chunks == disk.chunks());
         if self.phase == Phase::Verify && complete {
             self.set_phase(Phase::Complete);
             self.push_transmit(Transmit::Control(Control::Complete));

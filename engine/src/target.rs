@@ -23,6 +23,7 @@ use bytes::Bytes;
 use tern_transport::control::{DIGESTS_PER_MESSAGE, FEATURES_REQUIRED, FEATURES_SUPPORTED};
 use tern_transport::{Control, ErrorCode, Frame, Hello, PROTOCOL_VERSION, Welcome};
 
+use crate::digest::{digest, zero_digest};
 use crate::error::MigrationError;
 use crate::source::message_name;
 
@@ -106,6 +107,8 @@ struct DiskState {
     generation: Vec<u64>,
     /// A write of this chunk is in flight.
     busy: Vec<bool>,
+    /// xxh3-128 of the bytes last handed to the disk for each chunk; 0 = never written.
+    digest: Vec<u128>,
 }
 
 /// A validated frame waiting for its chunks to be free.
@@ -207,6 +210,7 @@ impl TargetMigration {
                     size: *size,
                     generation: vec![0; chunks],
                     busy: vec![false; chunks],
+                    digest: vec![0; chunks],
                 }
             })
             .collect();
@@ -331,6 +335,7 @@ impl TargetMigration {
                 block_bytes,
                 block,
                 block_count,
+                read_back,
             } => {
                 let Some(state) = self.disks.get(disk as usize) else {
                     return self.protocol_error(format!("digest request for unknown disk {disk}"));
@@ -350,6 +355,22 @@ impl TargetMigration {
                     return self.protocol_error("digest request out of range".into());
                 }
                 if block_count == 0 {
+                    return;
+                }
+                if !read_back {
+                    if block_bytes as u64 != self.chunk_bytes {
+                        return self.protocol_error("written digests are per chunk".into());
+                    }
+                    // Digests of what was written are in memory: answer at once.
+                    let table = &self.disks[disk as usize].digest;
+                    for start in (block..block + block_count).step_by(DIGESTS_PER_MESSAGE) {
+                        let end = (start + DIGESTS_PER_MESSAGE as u64).min(block + block_count);
+                        self.transmit.push_back(Control::Digests {
+                            disk,
+                            block: start,
+                            digests: table[start as usize..end as usize].to_vec(),
+                        });
+                    }
                     return;
                 }
                 // One batch per message, issued in order; the next batch starts when this one
@@ -531,13 +552,22 @@ impl TargetMigration {
                 chunk += 1;
             }
             let disk = &mut self.disks[frame.disk as usize];
+            let offset = run_start * chunk_bytes;
+            let byte_end = (chunk * chunk_bytes).min(disk.size);
+            let frame_start = frame.chunk * chunk_bytes;
             for c in run_start..chunk {
                 debug_assert!(!disk.busy[c as usize]);
                 disk.generation[c as usize] = frame.generation;
                 disk.busy[c as usize] = true;
+                let start = c * chunk_bytes;
+                let end = (start + chunk_bytes).min(disk.size);
+                disk.digest[c as usize] = match &frame.data {
+                    Some(data) => {
+                        digest(&data[(start - frame_start) as usize..(end - frame_start) as usize])
+                    }
+                    None => zero_digest((end - start) as usize),
+                };
             }
-            let offset = run_start * chunk_bytes;
-            let byte_end = (chunk * chunk_bytes).min(disk.size);
             let token = self.token();
             self.in_flight.insert(
                 token,
@@ -549,7 +579,6 @@ impl TargetMigration {
             self.writes_in_flight += 1;
             match &frame.data {
                 Some(data) => {
-                    let frame_start = frame.chunk * chunk_bytes;
                     let slice = data
                         .slice((offset - frame_start) as usize..(byte_end - frame_start) as usize);
                     self.bytes_written += slice.len() as u64;

@@ -17,7 +17,7 @@ use tern_engine::digest::digest;
 use tern_engine::source::ReadRequest;
 use tern_engine::{
     MigrationError, SourceConfig, SourceDisk, SourceEvent, SourceMigration, TargetEvent, TargetIo,
-    TargetMigration, Transmit,
+    TargetMigration, Transmit, VerifyMode,
 };
 use tern_transport::{Compression, Control, EncodedFrame, Encoder, Frame, decode, encode_zero};
 
@@ -39,6 +39,10 @@ struct World {
     encoder: Encoder,
     /// Probability (per mille) that a target write fails.
     write_failure_per_mille: u32,
+    /// Probability (per mille) that a target write silently stores a flipped bit (only with
+    /// read-back verification, which must catch it).
+    corruption_per_mille: u32,
+    corrupted: bool,
     source_result: Option<Result<(), MigrationError>>,
     target_result: Option<Result<(), MigrationError>>,
     max_target_ios: usize,
@@ -112,13 +116,23 @@ impl World {
             data_streams: rng.random_range(1..=4),
             reads_in_flight_max: rng.random_range(1..=8),
             transmit_queue_bytes_max: rng.random_range(1..=8) << 20,
-            verify: true,
+            verify: if rng.random() {
+                VerifyMode::Written
+            } else {
+                VerifyMode::ReadBack
+            },
             session_id: [seed as u8; 16],
         };
         let streams = config.data_streams as usize;
         // The target starts with garbage: zero ranges must really zero it.
         let target_disks = source_disks.iter().map(|d| vec![0xAA; d.len()]).collect();
         let write_failure_per_mille = if rng.random_range(0..10) == 0 { 20 } else { 0 };
+        let corruption_per_mille =
+            if config.verify == VerifyMode::ReadBack && rng.random_range(0..10) == 0 {
+                50
+            } else {
+                0
+            };
         World {
             source: SourceMigration::new(config, specs),
             rng,
@@ -132,6 +146,8 @@ impl World {
             target_ios: Vec::new(),
             encoder: Encoder::new(),
             write_failure_per_mille,
+            corruption_per_mille,
+            corrupted: false,
             source_result: None,
             target_result: None,
             max_target_ios: 0,
@@ -297,6 +313,13 @@ impl World {
                 }
                 let bytes = &mut self.target_disks[disk as usize];
                 bytes[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                if self.corruption_per_mille > 0
+                    && self.rng.random_range(0..1000) < self.corruption_per_mille
+                {
+                    let at = offset as usize + self.rng.random_range(0..data.len());
+                    bytes[at] ^= 1 << self.rng.random_range(0..8);
+                    self.corrupted = true;
+                }
                 target.handle_io_done(token);
             }
             TargetIo::WriteZeroes {
@@ -333,7 +356,14 @@ impl World {
     }
 }
 
-fn run_seed(seed: u64) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Outcome {
+    Completed,
+    DiskFailure,
+    CorruptionCaught,
+}
+
+fn run_seed(seed: u64) -> Outcome {
     let mut world = World::new(seed);
     let mut steps = 0u64;
     while world.step() {
@@ -355,9 +385,21 @@ fn run_seed(seed: u64) {
     match (&world.source_result, &world.target_result) {
         (Some(Ok(())), Some(Ok(()))) => {
             assert!(
+                !world.corrupted,
+                "seed={seed}: read-back verification missed a corruption"
+            );
+            assert!(
                 world.source_disks == world.target_disks,
                 "seed={seed}: target differs from source after a verified migration"
             );
+            Outcome::Completed
+        }
+        (Some(Err(MigrationError::VerifyMismatch { .. })), _) => {
+            assert!(
+                world.corrupted,
+                "seed={seed}: mismatch reported without a corruption"
+            );
+            Outcome::CorruptionCaught
         }
         (Some(Err(_)), _) | (_, Some(Err(_))) => {
             assert!(
@@ -366,6 +408,7 @@ fn run_seed(seed: u64) {
                 world.source_result,
                 world.target_result
             );
+            Outcome::DiskFailure
         }
         other => panic!(
             "seed={seed}: stuck with results {other:?} after {steps} steps: source {:?}, target {:?}",
@@ -382,13 +425,27 @@ fn migrations_complete_with_target_equal_to_source_under_any_interleaving() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
     for &seed in REGRESSION_SEEDS {
-        run_seed(seed);
+        let _ = run_seed(seed);
     }
+    let mut outcomes = std::collections::HashMap::new();
     for seed in 0..seeds {
-        let result = std::panic::catch_unwind(|| run_seed(seed));
-        if let Err(panic) = result {
-            eprintln!("simulation failed: seed={seed}");
-            std::panic::resume_unwind(panic);
+        match std::panic::catch_unwind(|| run_seed(seed)) {
+            Ok(outcome) => *outcomes.entry(outcome).or_insert(0u64) += 1,
+            Err(panic) => {
+                eprintln!("simulation failed: seed={seed}");
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+    eprintln!("{seeds} seeds: {outcomes:?}");
+    if seeds >= 200 {
+        // The fault mix must really be exercised, or the test proves nothing about faults.
+        for outcome in [
+            Outcome::Completed,
+            Outcome::DiskFailure,
+            Outcome::CorruptionCaught,
+        ] {
+            assert!(outcomes.contains_key(&outcome), "no seed ended {outcome:?}");
         }
     }
 }

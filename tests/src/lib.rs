@@ -1,1 +1,114 @@
-//! placeholder
+//! Helpers for Tern's end-to-end tests: finding the `tern` binary, running it, free ports.
+//!
+//! The tests themselves live in `tests/tests/`; they start real `tern` processes that talk
+//! QUIC on loopback and write real files.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// Path of the `tern` binary, built once per test process with the test's own profile so a
+/// stale binary is never tested (`cargo` returns at once when it is up to date).
+/// `TERN_BIN` overrides it.
+pub fn tern_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("TERN_BIN") {
+            return PathBuf::from(path);
+        }
+        // target/<profile>/deps/<test binary> → target/<profile>/tern
+        let exe = std::env::current_exe().expect("test binary path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary sits in target/<profile>/deps");
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.args(["build", "--quiet", "-p", "tern", "--bin", "tern"]);
+        if dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p tern failed");
+        dir.join("tern")
+    })
+    .clone()
+}
+
+/// A `tern` command with logs quiet unless `RUST_LOG` asks otherwise.
+pub fn tern() -> Command {
+    let mut command = Command::new(tern_bin());
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Runs `tern ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    tern().args(args).output().expect("spawn tern")
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_addr() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("local addr")
+}
+
+/// A key pair made with `tern keygen`; returns its directory and fingerprint.
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let out = dir.join(name);
+    let output = run(&["keygen", "--out", out.to_str().unwrap()]);
+    assert!(output.status.success(), "keygen: {output:?}");
+    let fingerprint = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+    (out, fingerprint)
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tern serve` and waits until it listens (its log says so on stderr).
+pub fn spawn_serve(
+    listen: SocketAddr,
+    images: &[&Path],
+    identity: &Path,
+    peer: &str,
+) -> KillOnDrop {
+    use std::io::{BufRead, BufReader};
+    let mut command = tern();
+    command
+        .args(["serve", "--listen", &listen.to_string(), "--identity"])
+        .arg(identity)
+        .args(["--peer", peer, "--log", "info"]);
+    for image in images {
+        command.arg("--image").arg(image);
+    }
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tern serve");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("waiting for the source") => break,
+            Some(Ok(_)) => continue,
+            other => panic!("tern serve ended before listening: {other:?}"),
+        }
+    }
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    KillOnDrop(child)
+}
+
+/// Bytes allocated on disk for a file.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}

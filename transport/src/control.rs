@@ -105,6 +105,9 @@ pub enum Control {
         block: u64,
         /// Number of blocks.
         block_count: u64,
+        /// Read the blocks back from disk (true), or answer with the digests of what the
+        /// target wrote, which needs `block_bytes` equal to the chunk size (false).
+        read_back: bool,
     },
     /// Target → source: xxh3-128 digests of consecutive blocks (the last one clipped to the
     /// disk's end).

@@ -8,3 +8,21 @@ pub mod target;
 
 pub use source::{SourceOptions, SourceReport, run_source};
 pub use target::{TargetReport, incomplete_marker, run_target, serve_one};
+
+/// Describes a stream failure: when the peer closed the connection, its close reason (which
+/// carries the peer's error message) says more than "connection lost".
+pub(crate) fn describe_failure(
+    connection: &tern_transport::quinn::Connection,
+    error: &dyn std::fmt::Display,
+) -> String {
+    match connection.close_reason() {
+        Some(tern_transport::quinn::ConnectionError::ApplicationClosed(close)) => {
+            format!(
+                "peer closed the connection: {}",
+                String::from_utf8_lossy(&close.reason)
+            )
+        }
+        Some(reason) => format!("{error} ({reason})"),
+        None => error.to_string(),
+    }
+}

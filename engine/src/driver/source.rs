@@ -84,6 +84,7 @@ pub async fn run_source(
     let mut control = FrameWriter::new(control_send);
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
     tokio::spawn(read_control(
+        connection.clone(),
         FrameReader::new(control_recv),
         input_tx.clone(),
     ));
@@ -166,7 +167,10 @@ pub async fn run_source(
         match input_rx.recv().await.expect("the driver holds a sender") {
             Input::ReadDone { token, data } => machine.handle_read_done(token, data),
             Input::ReadFailed { token, message } => machine.handle_read_failed(token, message),
-            Input::Control(message) => machine.handle_control(message),
+            Input::Control(message) => {
+                tracing::debug!(?message, "control received");
+                machine.handle_control(message)
+            }
             Input::TransportFailed(message) => machine.handle_transport_failed(message),
         }
     };
@@ -179,6 +183,9 @@ pub async fn run_source(
         let _ = writer.await;
     }
     control.finish();
+    if let Err(error) = &result {
+        super::target::close_with_error(connection, error);
+    }
     let summary = result?;
     let bytes_wire = connection.stats().udp_tx.bytes;
     Ok(SourceReport {
@@ -189,7 +196,11 @@ pub async fn run_source(
     })
 }
 
-async fn read_control(mut reader: FrameReader, tx: mpsc::UnboundedSender<Input>) {
+async fn read_control(
+    connection: quinn::Connection,
+    mut reader: FrameReader,
+    tx: mpsc::UnboundedSender<Input>,
+) {
     loop {
         let input = match reader.next().await {
             Ok(Some((Frame::Control(body), _))) => match Control::decode(&body) {
@@ -198,7 +209,7 @@ async fn read_control(mut reader: FrameReader, tx: mpsc::UnboundedSender<Input>)
             },
             Ok(Some(_)) => Input::TransportFailed("data frame on the control stream".into()),
             Ok(None) => Input::TransportFailed("target closed the control stream".into()),
-            Err(e) => Input::TransportFailed(e.to_string()),
+            Err(e) => Input::TransportFailed(super::describe_failure(&connection, &e)),
         };
         let stop = matches!(input, Input::TransportFailed(_));
         if tx.send(input).is_err() || stop {

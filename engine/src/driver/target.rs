@@ -5,7 +5,6 @@
 //! (`IMAGE.tern-incomplete`); it is removed only after the source confirmed a verified copy
 //! and the image was flushed. An image with a marker must never be used (invariant I4).
 
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -118,6 +117,7 @@ pub async fn run_target(
         };
         let _ = control.send(message.encode()).await;
         control.finish();
+        close_with_error(connection, &error);
         Err(error)
     };
     if hello.disks.len() != images.len() {
@@ -168,7 +168,11 @@ pub async fn run_target(
 
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
     let (frame_tx, mut frame_rx) = mpsc::channel::<(u16, Frame)>(FRAME_QUEUE);
-    tokio::spawn(read_control(control_reader, input_tx.clone()));
+    tokio::spawn(read_control(
+        connection.clone(),
+        control_reader,
+        input_tx.clone(),
+    ));
     tokio::spawn(accept_data_streams(
         connection.clone(),
         hello.data_streams,
@@ -200,7 +204,10 @@ pub async fn run_target(
                 Input::IoDone(token) => machine.handle_io_done(token),
                 Input::IoFailed { token, disk, message } => machine.handle_io_failed(token, disk, message),
                 Input::Digests { token, digests } => machine.handle_digests_done(token, digests),
-                Input::Control(message) => machine.handle_control(message),
+                Input::Control(message) => {
+                tracing::debug!(?message, "control received");
+                machine.handle_control(message)
+            }
                 Input::ProtocolViolation(message) => machine.handle_protocol_violation(message),
                 Input::TransportFailed(message) => machine.handle_transport_failed(message),
             },
@@ -214,6 +221,9 @@ pub async fn run_target(
         let _ = control.send(message.encode()).await;
     }
     control.finish();
+    if let Err(error) = &result {
+        close_with_error(connection, error);
+    }
     result?;
     // Let the source read CompleteDone before the connection goes away; it closes first.
     let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
@@ -223,6 +233,17 @@ pub async fn run_target(
         duration: started.elapsed(),
     })
 }
+
+/// Closes the connection with the error as the reason, so the source reports our words
+/// even if the error frame on the control stream is lost with the connection.
+pub(crate) fn close_with_error(connection: &quinn::Connection, error: &MigrationError) {
+    let reason = error.to_string();
+    let reason = &reason.as_bytes()[..reason.len().min(512)];
+    connection.close(CLOSE_FAILED.into(), reason);
+}
+
+/// Application close code of a migration that failed (0 is a normal end).
+pub const CLOSE_FAILED: u32 = 1;
 
 fn perform(
     devices: &[BlockDevice],
@@ -322,7 +343,11 @@ fn mark_complete(images: &[PathBuf]) -> Result<(), String> {
     Ok(())
 }
 
-/// Digests of `count` blocks from `block`, reading only blocks that hold allocated bytes.
+/// Bytes read at once while digesting: whole spans of small blocks keep the disk streaming.
+const DIGEST_READ_BYTES: u64 = 1 << 20;
+
+/// Digests of `count` blocks from `block`, read back from the disk. Blocks without an
+/// allocated byte are zeros and are not read.
 async fn digest_blocks(
     device: &BlockDevice,
     block_bytes: u32,
@@ -331,47 +356,59 @@ async fn digest_blocks(
 ) -> Result<Vec<u128>, String> {
     let extents = device.allocated_extents().map_err(|e| e.to_string())?;
     let size = device.size();
-    let range_of = |b: u64| -> Range<u64> {
-        let start = b * block_bytes as u64;
-        start..(start + block_bytes as u64).min(size)
-    };
+    let block_bytes = block_bytes as u64;
+    let blocks_per_read = (DIGEST_READ_BYTES / block_bytes).max(1);
     let mut digests = vec![0u128; count as usize];
     let mut reads = tokio::task::JoinSet::new();
     let mut extent = 0;
-    for i in 0..count {
-        let range = range_of(block + i);
-        while extent < extents.len() && extents[extent].end <= range.start {
+    let mut first = 0;
+    while first < count {
+        let n = blocks_per_read.min(count - first);
+        let start = (block + first) * block_bytes;
+        let end = (start + n * block_bytes).min(size);
+        while extent < extents.len() && extents[extent].end <= start {
             extent += 1;
         }
-        let allocated = extents.get(extent).is_some_and(|e| e.start < range.end);
-        let len = (range.end - range.start) as usize;
+        let allocated = extents.get(extent).is_some_and(|e| e.start < end);
         if !allocated {
-            digests[i as usize] = zero_digest(len);
+            for i in 0..n {
+                let block_start = start + i * block_bytes;
+                let len = (block_start + block_bytes).min(size) - block_start;
+                digests[(first + i) as usize] = zero_digest(len as usize);
+            }
+            first += n;
             continue;
         }
         if reads.len() >= DIGEST_READS_IN_FLIGHT
             && let Some(done) = reads.join_next().await
         {
-            let (index, digest): (u64, u128) = done.map_err(|e| e.to_string())??;
-            digests[index as usize] = digest;
+            let (index, span): (u64, Vec<u128>) = done.map_err(|e| e.to_string())??;
+            digests[index as usize..index as usize + span.len()].copy_from_slice(&span);
         }
         let device = device.clone();
+        let index = first;
         reads.spawn(async move {
             let buf: IoBuf = device
-                .read(range.start, len)
+                .read(start, (end - start) as usize)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((i, digest(&buf)))
+            let span: Vec<u128> = buf.chunks(block_bytes as usize).map(digest).collect();
+            Ok::<_, String>((index, span))
         });
+        first += n;
     }
     while let Some(done) = reads.join_next().await {
-        let (index, digest) = done.map_err(|e| e.to_string())??;
-        digests[index as usize] = digest;
+        let (index, span) = done.map_err(|e| e.to_string())??;
+        digests[index as usize..index as usize + span.len()].copy_from_slice(&span);
     }
     Ok(digests)
 }
 
-async fn read_control(mut reader: FrameReader, tx: mpsc::UnboundedSender<Input>) {
+async fn read_control(
+    connection: quinn::Connection,
+    mut reader: FrameReader,
+    tx: mpsc::UnboundedSender<Input>,
+) {
     loop {
         let input = match reader.next().await {
             Ok(Some((Frame::Control(body), _))) => match Control::decode(&body) {
@@ -380,7 +417,7 @@ async fn read_control(mut reader: FrameReader, tx: mpsc::UnboundedSender<Input>)
             },
             Ok(Some(_)) => Input::TransportFailed("data frame on the control stream".into()),
             Ok(None) => Input::TransportFailed("source closed the control stream".into()),
-            Err(e) => Input::TransportFailed(e.to_string()),
+            Err(e) => Input::TransportFailed(super::describe_failure(&connection, &e)),
         };
         let stop = matches!(input, Input::TransportFailed(_));
         if tx.send(input).is_err() || stop {
