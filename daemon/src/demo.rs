@@ -76,7 +76,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let source_identity = Identity::generate("tern-demo-source")?;
     let target_identity = Identity::generate("tern-demo-target")?;
 
-    let runtime = crate::migrate::runtime()?;
+    // Source and target share this process: one worker each.
+    let runtime = crate::migrate::runtime(2)?;
     let summary = runtime.block_on(async {
         let endpoint = listen(
             "127.0.0.1:0".parse().expect("valid address"),

@@ -26,12 +26,15 @@ pub(crate) struct Args {
     /// handshake.
     #[arg(long)]
     peer: Fingerprint,
+    /// Async worker threads; 0 runs the transfer on one thread (see ARCHITECTURE.md).
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::load(&args.identity)
         .with_context(|| format!("load identity from {}", args.identity.display()))?;
-    let runtime = crate::migrate::runtime()?;
+    let runtime = crate::migrate::runtime(args.worker_threads)?;
     runtime.block_on(async {
         let endpoint = listen(args.listen, &identity, args.peer, &TransportTuning::default())
             .with_context(|| format!("listen on {}", args.listen))?;

@@ -91,6 +91,9 @@ pub enum TransportError {
     /// The peer sent bytes that do not decode.
     #[error("protocol: {0}")]
     Decode(#[from] DecodeError),
+    /// Reading a frame's payload failed.
+    #[error("stream read: {0}")]
+    Stream(String),
     /// The stream ended where a frame was expected.
     #[error("stream closed by peer")]
     Closed,

@@ -227,8 +227,7 @@ async fn write_data(
 ) {
     let mut encoder = Encoder::new();
     while let Some(transmit) = rx.recv().await {
-        let compress_started = Instant::now();
-        let (frame, compress_time) = match transmit {
+        let (frame, raw_bytes) = match transmit {
             Transmit::Data {
                 disk,
                 chunk,
@@ -242,11 +241,12 @@ async fn write_data(
                 } else {
                     Compression::Off
                 };
+                let raw_bytes = data.len() as u64;
                 let frame = encoder.data(disk, chunk, chunk_count, generation, data, compression);
                 if frame.is_compressed() {
                     frames_compressed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                (frame, compress_started.elapsed())
+                (frame, raw_bytes)
             }
             Transmit::Zero {
                 disk,
@@ -254,18 +254,16 @@ async fn write_data(
                 chunk_count,
                 generation,
                 ..
-            } => (
-                encode_zero(disk, chunk, chunk_count, generation),
-                Duration::ZERO,
-            ),
+            } => (encode_zero(disk, chunk, chunk_count, generation), 0),
             Transmit::Control(_) => unreachable!("control goes on the control stream"),
         };
-        let send_started = Instant::now();
         if let Err(e) = writer.send(frame).await {
             let _ = failed.send(Input::TransportFailed(e.to_string()));
             return;
         }
-        policy.record(compress_time, send_started.elapsed());
+        if raw_bytes > 0 {
+            policy.record(raw_bytes, Instant::now());
+        }
     }
     writer.finish();
 }

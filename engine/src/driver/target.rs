@@ -180,6 +180,7 @@ pub async fn run_target(
         input_tx.clone(),
     ));
 
+    let mut frames_open = true;
     let result = loop {
         while let Some(message) = machine.poll_transmit() {
             if let Err(e) = control.send(message.encode()).await {
@@ -211,9 +212,12 @@ pub async fn run_target(
                 Input::ProtocolViolation(message) => machine.handle_protocol_violation(message),
                 Input::TransportFailed(message) => machine.handle_transport_failed(message),
             },
-            frame = frame_rx.recv(), if machine.can_accept_frame() => match frame {
+            frame = frame_rx.recv(), if frames_open && machine.can_accept_frame() => match frame {
                 Some((stream, frame)) => machine.handle_frame(stream, frame),
-                None => machine.handle_transport_failed("data streams closed".into()),
+                // Every data stream ended. That is normal once the source finished; if frames
+                // are missing, the barrier never completes and the control stream or a
+                // reader's error says why.
+                None => frames_open = false,
             },
         }
     };
@@ -273,10 +277,9 @@ fn perform(
             data,
         } => {
             let device = &devices[disk as usize];
-            // One copy into an aligned buffer: O_DIRECT needs it, and the frame's bytes live in
-            // quinn's receive buffers.
-            let mut buf = device.alloc_buf(data.len());
-            buf.copy_from_slice(&data);
+            // One copy into an aligned buffer: O_DIRECT needs it, and the frame's bytes live
+            // in a buffer the transport allocated.
+            let buf = IoBuf::from_slice(&data);
             device.submit(IoOp::Write { offset, buf }, done(token, disk));
         }
         TargetIo::WriteZeroes {
