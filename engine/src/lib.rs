@@ -5,12 +5,14 @@
 //!   production.
 //! - [`driver`]: thin async drivers that connect the state machines to `tern-blockdev` disks
 //!   and `tern-transport` QUIC streams.
+//! - [`bitmap`]: the wait-free dirty bitmap guest writes mark and the copier harvests.
 //! - [`digest`]: block digests for verification.
 //! - [`compression`]: when to compress, decided from measured CPU and link behaviour.
 //!
 //! Invariants I1–I6 are listed in `ARCHITECTURE.md`; each is asserted where it is enforced.
 #![forbid(unsafe_code)]
 
+pub mod bitmap;
 pub mod compression;
 pub mod digest;
 pub mod driver;
