@@ -152,7 +152,7 @@ pub(crate) async fn copy(
         ..Default::default()
     });
     let bar = crate::progress::spawn(progress_rx, quiet);
-    let result = run_source(&connection, disks, options, Some(progress_tx)).await;
+    let result = run_source(&connection, disks, options, Some(progress_tx), None).await;
     if let Some(bar) = bar {
         let _ = bar.await;
     }

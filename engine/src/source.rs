@@ -24,6 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern_transport::control::{FEATURES_REQUIRED, FEATURES_SUPPORTED};
@@ -51,6 +52,30 @@ pub struct SourceConfig {
     pub verify: VerifyMode,
     /// Random id of this migration.
     pub session_id: [u8; 16],
+    /// Live migration: after the bulk pass, re-send what the guest dirtied until switchover.
+    /// `None` copies a disk that nobody writes.
+    pub live: Option<LiveConfig>,
+}
+
+/// Settings of a live migration.
+#[derive(Clone, Debug)]
+pub struct LiveConfig {
+    /// Storage downtime budget: converged once the predicted final sync fits in it.
+    pub max_downtime: Duration,
+    /// How long to wait before harvesting again after a harvest found nothing dirty.
+    pub harvest_interval: Duration,
+    /// Harvests in a row whose dirty set does not shrink before `NotConverging` is reported.
+    pub stalled_harvests_max: u32,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        Self {
+            max_downtime: Duration::from_millis(50),
+            harvest_interval: Duration::from_millis(5),
+            stalled_harvests_max: 8,
+        }
+    }
 }
 
 impl Default for SourceConfig {
@@ -62,6 +87,7 @@ impl Default for SourceConfig {
             transmit_queue_bytes_max: 16 << 20,
             verify: VerifyMode::Written,
             session_id: [0; 16],
+            live: None,
         }
     }
 }
@@ -178,6 +204,12 @@ pub struct SourceProgress {
     pub bytes_zero: u64,
     /// Bytes read from disk.
     pub bytes_read: u64,
+    /// Bytes re-sent by live passes because the guest wrote them again.
+    pub bytes_resent: u64,
+    /// Dirty bytes at the last harvest (live).
+    pub dirty_bytes: u64,
+    /// Harvests so far (live).
+    pub passes: u64,
     /// Name of the current phase.
     pub phase: &'static str,
 }
@@ -192,12 +224,31 @@ pub struct SourceSummary {
 }
 
 /// What the state machine reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum SourceEvent {
     /// The target accepted the handshake.
     Connected,
     /// The bulk pass has handed every frame to the driver.
     BulkDone,
+    /// Live: the remaining dirty data is predicted to sync within the downtime budget.
+    Converged {
+        /// Dirty bytes at the last harvest.
+        dirty_bytes: u64,
+        /// Predicted duration of the final sync.
+        predicted_final_sync: Duration,
+        /// Measured transfer rate, bytes per second.
+        transfer_rate: f64,
+    },
+    /// Live: the dirty set has stopped shrinking; without a change of mode the migration
+    /// will not converge.
+    NotConverging {
+        /// Dirty bytes at the last harvest.
+        dirty_bytes: u64,
+        /// Bytes the guest dirtied per second over the last pass.
+        dirty_rate: f64,
+        /// Bytes sent per second over the last pass.
+        transfer_rate: f64,
+    },
     /// The target confirmed that everything is durable.
     Flushed,
     /// Finished: the target holds a verified copy.
@@ -210,6 +261,8 @@ pub enum SourceEvent {
 enum Phase {
     Handshake,
     Bulk,
+    Iterating,
+    FinalPass,
     Flush { barrier: u64 },
     Verify,
     Complete,
@@ -222,6 +275,8 @@ impl Phase {
         match self {
             Phase::Handshake => "handshake",
             Phase::Bulk => "bulk",
+            Phase::Iterating => "iterating",
+            Phase::FinalPass => "final-pass",
             Phase::Flush { .. } => "flush",
             Phase::Verify => "verify",
             Phase::Complete => "complete",
@@ -229,6 +284,19 @@ impl Phase {
             Phase::Failed => "failed",
         }
     }
+}
+
+/// Measurements of the current live pass.
+#[derive(Clone, Debug, Default)]
+struct PassStats {
+    /// When the pass started (the previous harvest).
+    started: Option<Instant>,
+    /// Bytes read and sent in this pass.
+    bytes_sent: u64,
+    /// Dirty bytes at the previous harvest.
+    last_dirty_bytes: u64,
+    /// The final pass's harvest happened.
+    final_harvested: bool,
 }
 
 /// Per-disk state: the bulk cursor and the per-chunk digests of what was sent.
@@ -318,8 +386,18 @@ pub struct SourceMigration {
     next_generation: u64,
     next_token: u64,
     next_barrier: u64,
-    /// Reads in flight: token → (disk, block).
-    reads: HashMap<u64, (u32, u64)>,
+    /// Reads in flight: token → (disk, byte range).
+    reads: HashMap<u64, (u32, Range<u64>)>,
+    /// Dirty byte ranges harvested but not yet read (live passes).
+    dirty_queue: VecDeque<(u32, Range<u64>)>,
+    /// A harvest is due at this time (live, nothing pending).
+    harvest_at: Option<Instant>,
+    /// Convergence measurements (live).
+    pass: PassStats,
+    converged: bool,
+    stalled_harvests: u32,
+    /// A harvest is wanted as soon as the driver can do one (no timer involved).
+    harvest_now: bool,
     /// Index of the disk the bulk pass is planning.
     bulk_disk: usize,
     transmit: VecDeque<Transmit>,
@@ -378,6 +456,12 @@ impl SourceMigration {
             next_token: 1,
             next_barrier: 1,
             reads: HashMap::new(),
+            dirty_queue: VecDeque::new(),
+            harvest_at: None,
+            pass: PassStats::default(),
+            converged: false,
+            stalled_harvests: 0,
+            harvest_now: false,
             bulk_disk: 0,
             transmit: VecDeque::new(),
             transmit_bytes: 0,
@@ -412,6 +496,7 @@ impl SourceMigration {
         // Planning happens here, not in `poll_io`: planning a hole queues frames, and the
         // driver drains transmits before reads, so nothing planned is left unsent.
         self.plan_bulk();
+        self.plan_dirty();
         let transmit = self.transmit.pop_front()?;
         self.transmit_bytes -= transmit.queued_bytes();
         match &transmit {
@@ -517,14 +602,13 @@ impl SourceMigration {
 
     /// A read completed with `data` (exactly the requested length).
     pub fn handle_read_done(&mut self, token: u64, data: Bytes) {
-        let Some((disk, block)) = self.reads.remove(&token) else {
+        let Some((disk, range)) = self.reads.remove(&token) else {
             panic!("read completion for unknown token {token}");
         };
         if self.is_finished() {
             return;
         }
         let state = &mut self.disks[disk as usize];
-        let range = state.block_range(block);
         assert_eq!(
             data.len() as u64,
             range.end - range.start,
@@ -532,8 +616,13 @@ impl SourceMigration {
         );
         state.record_digests(range.start, &data);
         self.progress.bytes_read += data.len() as u64;
+        self.pass.bytes_sent += data.len() as u64;
+        if self.phase != Phase::Bulk {
+            self.progress.bytes_resent += range.end - range.start;
+        }
         self.send_block(disk, range.start, data);
         self.maybe_finish_bulk();
+        self.maybe_finish_pass();
     }
 
     /// A read failed. The migration fails; the source disk is untouched by the copy.
@@ -632,7 +721,7 @@ impl SourceMigration {
             let range = disk.block_range(block);
             let token = self.next_token;
             self.next_token += 1;
-            self.reads.insert(token, (disk_index as u32, block));
+            self.reads.insert(token, (disk_index as u32, range.clone()));
             self.io.push_back(ReadRequest {
                 token,
                 disk: disk_index as u32,
@@ -643,6 +732,156 @@ impl SourceMigration {
         assert!(self.reads.len() <= self.config.reads_in_flight_max);
         // A pass that needed no read (all holes) finishes here, not in a read completion.
         self.maybe_finish_bulk();
+    }
+
+    /// Plans reads of harvested dirty ranges, within the same bounds as the bulk pass.
+    fn plan_dirty(&mut self) {
+        if !matches!(self.phase, Phase::Iterating | Phase::FinalPass) {
+            return;
+        }
+        while self.reads.len() < self.config.reads_in_flight_max
+            && self.transmit_bytes < self.config.transmit_queue_bytes_max
+        {
+            let Some((disk, range)) = self.dirty_queue.pop_front() else {
+                break;
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            self.reads.insert(token, (disk, range.clone()));
+            self.io.push_back(ReadRequest {
+                token,
+                disk,
+                offset: range.start,
+                len: (range.end - range.start) as u32,
+            });
+        }
+    }
+
+    /// Live, nothing pending and the last harvest empty: when to harvest next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.harvest_at
+    }
+
+    /// True when the driver should harvest the dirty bitmaps now and call `handle_dirty`.
+    pub fn wants_dirty(&self, now: Instant) -> bool {
+        self.harvest_now || self.harvest_at.is_some_and(|at| now >= at)
+    }
+
+    /// Live: the dirty chunk runs harvested from each disk's bitmap at `now` (chunk indexes;
+    /// the bitmap's granularity is the chunk size). Harvesting cleared their bits before these
+    /// chunks are read, so a write racing the read marks them again (invariant I2).
+    pub fn handle_dirty(&mut self, now: Instant, dirty: Vec<(u32, Vec<Range<u64>>)>) {
+        if !matches!(self.phase, Phase::Iterating | Phase::FinalPass) {
+            return;
+        }
+        let live = self
+            .config
+            .live
+            .clone()
+            .expect("dirty harvests only in live migrations");
+        self.harvest_now = false;
+        self.harvest_at = None;
+        let mut dirty_bytes = 0;
+        for (disk, runs) in dirty {
+            let Some(state) = self.disks.get(disk as usize) else {
+                continue;
+            };
+            let chunk_bytes = state.chunk_bytes;
+            let size = state.size;
+            for run in runs {
+                let mut start = (run.start * chunk_bytes).min(size);
+                let end = (run.end * chunk_bytes).min(size);
+                dirty_bytes += end - start;
+                // Reads of at most one bulk block, aligned like the bulk pass, so that frames
+                // of one block keep going on one stream.
+                while start < end {
+                    let block = BULK_READ_BYTES as u64;
+                    let read_end = end.min((start / block + 1) * block);
+                    self.dirty_queue.push_back((disk, start..read_end));
+                    start = read_end;
+                }
+            }
+        }
+        self.progress.dirty_bytes = dirty_bytes;
+        self.progress.passes += 1;
+        // Convergence: bytes sent since the previous harvest over the time that took.
+        if let Some(started) = self.pass.started.replace(now) {
+            let seconds = now
+                .saturating_duration_since(started)
+                .as_secs_f64()
+                .max(1e-6);
+            let transfer_rate = self.pass.bytes_sent as f64 / seconds;
+            let dirty_rate = dirty_bytes as f64 / seconds;
+            if self.phase == Phase::Iterating && self.pass.bytes_sent > 0 {
+                let predicted =
+                    Duration::from_secs_f64(dirty_bytes as f64 / transfer_rate.max(1.0));
+                if predicted <= live.max_downtime && !self.converged {
+                    self.converged = true;
+                    self.events.push_back(SourceEvent::Converged {
+                        dirty_bytes,
+                        predicted_final_sync: predicted,
+                        transfer_rate,
+                    });
+                }
+                if dirty_bytes > 0 && dirty_bytes >= self.pass.last_dirty_bytes {
+                    self.stalled_harvests += 1;
+                    if self.stalled_harvests == live.stalled_harvests_max && !self.converged {
+                        self.events.push_back(SourceEvent::NotConverging {
+                            dirty_bytes,
+                            dirty_rate,
+                            transfer_rate,
+                        });
+                    }
+                } else {
+                    self.stalled_harvests = 0;
+                }
+            }
+        }
+        self.pass.bytes_sent = 0;
+        self.pass.last_dirty_bytes = dirty_bytes;
+        if self.phase == Phase::FinalPass {
+            self.pass.final_harvested = true;
+        }
+        if self.dirty_queue.is_empty() && self.phase == Phase::Iterating {
+            // Nothing dirty: look again after a short while instead of spinning.
+            self.harvest_at = Some(now + live.harvest_interval);
+        }
+        self.maybe_finish_pass();
+    }
+
+    /// True once the live migration reported `Converged`.
+    pub fn is_converged(&self) -> bool {
+        self.converged
+    }
+
+    /// Live: the VM is paused and its in-flight IO drained, so no write marks the bitmaps any
+    /// more. The machine asks for one last harvest, sends it, then flushes and verifies.
+    pub fn start_switchover(&mut self) {
+        if self.phase != Phase::Iterating {
+            return;
+        }
+        self.set_phase(Phase::FinalPass);
+        self.pass.final_harvested = false;
+        self.harvest_now = true;
+        self.harvest_at = None;
+    }
+
+    /// A live pass is finished when nothing is queued or being read; in the final pass the
+    /// target then has every byte and only the barrier is left.
+    fn maybe_finish_pass(&mut self) {
+        if !self.reads.is_empty() || !self.dirty_queue.is_empty() || !self.io.is_empty() {
+            return;
+        }
+        match self.phase {
+            Phase::Iterating if self.harvest_at.is_none() && !self.harvest_now => {
+                // The pass is sent; the guest kept writing meanwhile: harvest again.
+                self.harvest_now = true;
+            }
+            Phase::FinalPass if self.pass.final_harvested && !self.harvest_now => {
+                self.send_barrier();
+            }
+            _ => {}
+        }
     }
 
     /// Queues a zero-range frame (several if the range exceeds a frame's chunk count).
@@ -707,7 +946,9 @@ impl SourceMigration {
                     data: data.slice(byte_start..byte_end),
                 });
             }
-            self.progress.bytes_done += (byte_end - byte_start) as u64;
+            if self.phase == Phase::Bulk {
+                self.progress.bytes_done += (byte_end - byte_start) as u64;
+            }
             run_start = run_end;
         }
     }
@@ -727,6 +968,17 @@ impl SourceMigration {
         }
         assert_eq!(self.progress.bytes_done, self.progress.bytes_total);
         self.events.push_back(SourceEvent::BulkDone);
+        if self.config.live.is_some() {
+            // What the guest wrote during the bulk pass is the first live pass: harvest as
+            // soon as the driver can.
+            self.set_phase(Phase::Iterating);
+            self.harvest_now = true;
+            return;
+        }
+        self.send_barrier();
+    }
+
+    fn send_barrier(&mut self) {
         let barrier = self.next_barrier;
         self.next_barrier += 1;
         self.set_phase(Phase::Flush { barrier });

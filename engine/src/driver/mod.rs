@@ -6,7 +6,7 @@
 pub mod source;
 pub mod target;
 
-pub use source::{SourceOptions, SourceReport, run_source};
+pub use source::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
 pub use target::{TargetReport, incomplete_marker, run_target, serve_one};
 
 /// Describes a stream failure: when the peer closed the connection, its close reason (which

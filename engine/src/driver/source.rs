@@ -13,6 +13,7 @@ use tern_transport::quinn;
 use tern_transport::{Compression, Control, Encoder, Frame, FrameReader, FrameWriter, encode_zero};
 use tokio::sync::{mpsc, watch};
 
+use crate::bitmap::DirtyBitmap;
 use crate::compression::{CompressionMode, CompressionPolicy};
 use crate::error::MigrationError;
 use crate::source::{
@@ -34,6 +35,27 @@ pub struct SourceOptions {
     pub compression: CompressionMode,
 }
 
+/// What a live migration adds to a copy: the dirty bitmaps guest writes mark, commands from
+/// the embedding VMM, and a channel for the machine's events.
+#[derive(Debug)]
+pub struct LiveHooks {
+    /// One bitmap per disk, in disk order, with the chunk size as granularity.
+    pub bitmaps: Vec<Arc<DirtyBitmap>>,
+    /// Commands from the VMM or the operator.
+    pub commands: mpsc::UnboundedReceiver<Command>,
+    /// Every event of the machine, as it happens.
+    pub events: mpsc::UnboundedSender<SourceEvent>,
+}
+
+/// A command to a running live migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// The VM is paused and its IO drained: do the final pass, flush and verify.
+    Switchover,
+    /// Give up; the source stays authoritative.
+    Cancel,
+}
+
 /// The outcome of a source run.
 #[derive(Clone, Debug)]
 pub struct SourceReport {
@@ -45,6 +67,9 @@ pub struct SourceReport {
     pub frames_compressed: u64,
     /// Wall-clock time from the first frame to the target's confirmation.
     pub duration: Duration,
+    /// Live: storage downtime, from the switchover command to the target's confirmation of a
+    /// verified, durable copy.
+    pub downtime: Option<Duration>,
 }
 
 enum Input {
@@ -63,8 +88,23 @@ pub async fn run_source(
     disks: Vec<(BlockDevice, String)>,
     options: SourceOptions,
     progress: Option<watch::Sender<SourceProgress>>,
+    live: Option<LiveHooks>,
 ) -> Result<SourceReport, MigrationError> {
     let started = Instant::now();
+    let (bitmaps, mut commands, events) = match live {
+        Some(hooks) => {
+            assert_eq!(hooks.bitmaps.len(), disks.len(), "one bitmap per disk");
+            for bitmap in &hooks.bitmaps {
+                assert_eq!(bitmap.granularity(), options.config.chunk_bytes);
+                // Marks from before the bulk pass are covered by it: drop them. Writes that
+                // complete from now on are marked and re-sent (I2).
+                bitmap.harvest();
+            }
+            (hooks.bitmaps, Some(hooks.commands), Some(hooks.events))
+        }
+        None => (Vec::new(), None, None),
+    };
+    let mut switchover_started = None;
     let mut source_disks = Vec::with_capacity(disks.len());
     for (index, (disk, identity)) in disks.iter().enumerate() {
         let allocated = disk.allocated_extents().map_err(|e| MigrationError::Disk {
@@ -148,14 +188,46 @@ pub async fn run_source(
                 }),
             );
         }
+        if machine.wants_dirty(Instant::now()) {
+            let dirty = bitmaps
+                .iter()
+                .enumerate()
+                .map(|(disk, bitmap)| (disk as u32, bitmap.harvest()))
+                .collect();
+            machine.handle_dirty(Instant::now(), dirty);
+            continue;
+        }
         let mut finished = None;
         while let Some(event) = machine.poll_event() {
+            if let Some(events) = &events {
+                let _ = events.send(event.clone());
+            }
             match event {
                 SourceEvent::Completed(summary) => finished = Some(Ok(summary)),
                 SourceEvent::Failed(error) => finished = Some(Err(error)),
                 SourceEvent::Connected => tracing::info!("target accepted the handshake"),
                 SourceEvent::BulkDone => tracing::info!("bulk pass sent"),
                 SourceEvent::Flushed => tracing::info!("target flushed"),
+                SourceEvent::Converged {
+                    dirty_bytes,
+                    predicted_final_sync,
+                    transfer_rate,
+                } => tracing::info!(
+                    dirty_bytes,
+                    predicted_final_sync_ms = predicted_final_sync.as_secs_f64() * 1e3,
+                    transfer_mib_s = transfer_rate / (1 << 20) as f64,
+                    "converged"
+                ),
+                SourceEvent::NotConverging {
+                    dirty_bytes,
+                    dirty_rate,
+                    transfer_rate,
+                } => tracing::warn!(
+                    dirty_bytes,
+                    dirty_mib_s = dirty_rate / (1 << 20) as f64,
+                    transfer_mib_s = transfer_rate / (1 << 20) as f64,
+                    "not converging: the guest dirties data as fast as it is sent"
+                ),
             }
         }
         if let Some(progress) = &progress {
@@ -164,7 +236,25 @@ pub async fn run_source(
         if let Some(result) = finished {
             break result;
         }
-        match input_rx.recv().await.expect("the driver holds a sender") {
+        let deadline = machine.poll_timeout();
+        let input = tokio::select! {
+            input = input_rx.recv() => input.expect("the driver holds a sender"),
+            command = async { commands.as_mut().expect("guarded").recv().await }, if commands.is_some() => {
+                match command {
+                    Some(Command::Switchover) => {
+                        tracing::info!("switchover: final pass");
+                        switchover_started = Some(Instant::now());
+                        machine.start_switchover();
+                    }
+                    Some(Command::Cancel) => machine.cancel(),
+                    // The handle was dropped: nobody can switch over any more.
+                    None => commands = None,
+                }
+                continue;
+            }
+            () = sleep_until(deadline), if deadline.is_some() => continue,
+        };
+        match input {
             Input::ReadDone { token, data } => machine.handle_read_done(token, data),
             Input::ReadFailed { token, message } => machine.handle_read_failed(token, message),
             Input::Control(message) => {
@@ -193,7 +283,15 @@ pub async fn run_source(
         bytes_wire,
         frames_compressed: frames_compressed.load(std::sync::atomic::Ordering::Relaxed),
         duration: started.elapsed(),
+        downtime: switchover_started.map(|at| at.elapsed()),
     })
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn read_control(
