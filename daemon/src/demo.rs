@@ -1,19 +1,28 @@
-//! `tern demo`: a complete migration on loopback in one process, checked byte for byte.
+//! `tern demo`: a complete live migration on loopback in one process, checked byte for byte.
 //!
-//! It makes a mixed image in a temporary directory, a key pair for each side, starts a target
-//! and a source on 127.0.0.1 over QUIC with mutual TLS, copies, lets the two sides compare
-//! digests, and finally compares the two files itself, independently of the engine.
+//! It makes a mixed image in a temporary directory and a key pair for each side, starts a
+//! target and a source on 127.0.0.1 over QUIC with mutual TLS, and runs a guest writer
+//! (random 4–64 KiB writes at a set rate) through a `TrackedDisk` while the disk is copied.
+//! When storage converges it pauses the guest (as a VMM pauses its vCPUs), switches over
+//! (final pass, flush, per-chunk digest comparison), and finally compares the two files
+//! itself, independently of the engine.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
-use tern_blockdev::OpenOptions;
+use tern_blockdev::{BlockDevice, IoBuf, OpenOptions};
 use tern_engine::compression::CompressionMode;
-use tern_engine::driver::{incomplete_marker, serve_one};
+use tern_engine::driver::{Command, LiveHooks, incomplete_marker, serve_one};
+use tern_engine::source::LiveConfig;
+use tern_engine::{SourceEvent, TrackedDisk};
 use tern_transport::{Identity, TransportTuning, listen};
+use tokio::sync::mpsc;
 
 /// Arguments of `tern demo`.
 #[derive(clap::Args, Debug)]
@@ -21,6 +30,14 @@ pub(crate) struct Args {
     /// Size of the demo image.
     #[arg(long, default_value = "1G", value_parser = crate::size::parse_size)]
     size: u64,
+    /// The guest's write rate in MiB/s (random 4–64 KiB writes at queue depth 1); 0 runs no
+    /// guest, which makes the demo a plain copy.
+    #[arg(long, default_value_t = 32.0)]
+    rate: f64,
+    /// Storage downtime budget in milliseconds: the migration converges once the predicted
+    /// final sync fits in it.
+    #[arg(long, default_value_t = 50)]
+    max_downtime_ms: u64,
     /// Compression (see `tern migrate --help`).
     #[arg(long = "compress", default_value = "auto")]
     compression: CompressionMode,
@@ -37,11 +54,81 @@ pub(crate) struct Args {
 
 #[derive(Serialize)]
 struct DemoSummary {
-    #[serde(flatten)]
-    copy: crate::migrate::Summary,
+    total_s: f64,
+    storage_downtime_ms: f64,
+    passes: u64,
+    bytes_total: u64,
+    bytes_data: u64,
+    bytes_resent: u64,
+    bytes_wire: u64,
+    guest_writes: u64,
+    guest_write_mib_s: f64,
+    guest_write_mib_s_intended: f64,
+    converged_after_s: Option<f64>,
+    verified: bool,
     target_matches_source: bool,
-    image_bytes_allocated_source: u64,
-    image_bytes_allocated_target: u64,
+}
+
+/// The stand-in guest: random writes through the tracked disk, paced to a rate.
+struct Guest {
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Guest {
+    fn start(disk: TrackedDisk, rate_mib_s: f64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let writes = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, bytes, writes) = (stop.clone(), bytes.clone(), writes.clone());
+            std::thread::Builder::new()
+                .name("demo-guest".into())
+                .spawn(move || {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+                    let started = Instant::now();
+                    let blocks = disk.size() / 4096;
+                    while !stop.load(Ordering::Acquire) && blocks > 16 {
+                        let len = rng.random_range(1..=16u64) * 4096;
+                        let offset = rng.random_range(0..blocks - len / 4096) * 4096;
+                        let mut data = vec![0u8; len as usize];
+                        rng.fill_bytes(&mut data);
+                        disk.write_blocking(offset, IoBuf::from_slice(&data))?;
+                        let written = bytes.fetch_add(len, Ordering::Relaxed) + len;
+                        writes.fetch_add(1, Ordering::Relaxed);
+                        // Pace to the rate: sleep until this many bytes are due.
+                        let due = Duration::from_secs_f64(
+                            written as f64 / (rate_mib_s * (1 << 20) as f64),
+                        );
+                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(ahead);
+                        }
+                    }
+                    Ok(())
+                })
+                .expect("spawn the guest thread")
+        };
+        Self {
+            stop,
+            bytes,
+            writes,
+            thread,
+        }
+    }
+
+    /// Pauses the guest: returns once its last write completed (and was marked).
+    fn pause(self) -> anyhow::Result<(u64, u64)> {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
+        Ok((
+            self.bytes.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        ))
+    }
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
@@ -76,9 +163,20 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let source_identity = Identity::generate("tern-demo-source")?;
     let target_identity = Identity::generate("tern-demo-target")?;
 
+    let mut options = crate::migrate::options(args.compression, 4, args.verify);
+    options.config.live = Some(LiveConfig {
+        max_downtime: Duration::from_millis(args.max_downtime_ms),
+        ..LiveConfig::default()
+    });
+    let device = BlockDevice::open(&source_image, &OpenOptions::default())
+        .with_context(|| format!("open {}", source_image.display()))?;
+    let disk = TrackedDisk::new(device.clone(), options.config.chunk_bytes)
+        .context("tracking granularity")?;
+
     // Source and target share this process: one worker each.
     let runtime = crate::migrate::runtime(2)?;
-    let summary = runtime.block_on(async {
+    let started = Instant::now();
+    let outcome = runtime.block_on(async {
         let endpoint = listen(
             "127.0.0.1:0".parse().expect("valid address"),
             &target_identity,
@@ -92,52 +190,151 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             endpoint.close(0u32.into(), b"bye");
             report
         });
-        let options = crate::migrate::options(args.compression, 4, args.verify);
-        let copy = crate::migrate::copy(
-            std::slice::from_ref(&source_image),
+
+        let (command_tx, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+        let guest = (args.rate > 0.0).then(|| Guest::start(disk.clone(), args.rate));
+        if !args.json {
+            eprintln!(
+                "tern demo: migrating over QUIC on {address} while the guest writes {} MiB/s",
+                args.rate
+            );
+        }
+        // The VMM's side: at convergence, pause the guest and switch over.
+        let vmm = tokio::spawn(async move {
+            let mut guest = guest;
+            let mut converged_at = None;
+            let mut guest_result = (0, 0, started.elapsed());
+            while let Some(event) = event_rx.recv().await {
+                match event {
+                    SourceEvent::BulkDone if guest.is_none() && converged_at.is_none() => {
+                        // No guest: nothing will be dirtied; switch over at once.
+                        converged_at = Some(started.elapsed());
+                        let _ = command_tx.send(Command::Switchover);
+                    }
+                    SourceEvent::Converged { .. } if converged_at.is_none() => {
+                        converged_at = Some(started.elapsed());
+                        if let Some(guest) = guest.take() {
+                            let paused_at = started.elapsed();
+                            let (bytes, writes) =
+                                tokio::task::spawn_blocking(move || guest.pause()).await??;
+                            guest_result = (bytes, writes, paused_at);
+                        }
+                        let _ = command_tx.send(Command::Switchover);
+                    }
+                    SourceEvent::NotConverging {
+                        dirty_bytes,
+                        dirty_rate,
+                        transfer_rate,
+                    } if converged_at.is_none() => {
+                        // Without active mirroring (next step) the only way out is the last
+                        // resort: stop the guest's writes and take the longer downtime.
+                        eprintln!(
+                            "tern demo: not converging ({:.1} MiB dirty, guest dirties {:.1} MiB/s, link moves {:.1} MiB/s): pausing the guest and switching over",
+                            dirty_bytes as f64 / (1 << 20) as f64,
+                            dirty_rate / (1 << 20) as f64,
+                            transfer_rate / (1 << 20) as f64
+                        );
+                        converged_at = Some(started.elapsed());
+                        if let Some(guest) = guest.take() {
+                            let paused_at = started.elapsed();
+                            let (bytes, writes) =
+                                tokio::task::spawn_blocking(move || guest.pause()).await??;
+                            guest_result = (bytes, writes, paused_at);
+                        }
+                        let _ = command_tx.send(Command::Switchover);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(guest) = guest.take() {
+                let paused_at = started.elapsed();
+                let (bytes, writes) = tokio::task::spawn_blocking(move || guest.pause()).await??;
+                guest_result = (bytes, writes, paused_at);
+            }
+            anyhow::Ok((converged_at, guest_result))
+        });
+        let hooks = LiveHooks {
+            bitmaps: vec![disk.bitmap().clone()],
+            commands: command_rx,
+            events: event_tx,
+        };
+        let copied = crate::migrate::copy(
+            vec![(device.clone(), "source.img".into())],
             address,
             &source_identity,
             target_identity.fingerprint(),
             options,
             args.json,
+            Some(hooks),
         )
-        .await?;
+        .await;
+        let vmm = vmm.await?;
+        let (summary, report) = copied?;
+        let (converged_at, guest) = vmm?;
         target.await?.context("target failed")?;
-        anyhow::Ok(copy)
+        anyhow::Ok((summary, report, converged_at, guest))
     })?;
+    let total = started.elapsed();
+    let (summary, report, converged_at, (guest_bytes, guest_writes, guest_time)) = outcome;
 
-    let started = Instant::now();
     let equal = files_equal(&source_image, &target_image)?;
     if incomplete_marker(&target_image).exists() {
         bail!("the target image is still marked incomplete");
     }
+    let progress = &report.summary.progress;
     let demo = DemoSummary {
-        copy: summary,
+        total_s: total.as_secs_f64(),
+        storage_downtime_ms: report.downtime.unwrap_or_default().as_secs_f64() * 1e3,
+        passes: progress.passes,
+        bytes_total: progress.bytes_total,
+        bytes_data: progress.bytes_data,
+        bytes_resent: progress.bytes_resent,
+        bytes_wire: summary.bytes_wire,
+        guest_writes,
+        guest_write_mib_s: guest_bytes as f64
+            / (1 << 20) as f64
+            / guest_time.as_secs_f64().max(1e-9),
+        guest_write_mib_s_intended: args.rate,
+        converged_after_s: converged_at.map(|d| d.as_secs_f64()),
+        verified: summary.verified,
         target_matches_source: equal,
-        image_bytes_allocated_source: allocated(&source_image)?,
-        image_bytes_allocated_target: allocated(&target_image)?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&demo)?);
     } else {
-        crate::migrate::print_summary(&demo.copy, false)?;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
-            "independent check: target {} source byte for byte ({:.2} s); allocated {:.0} MiB on the source, {:.0} MiB on the target",
-            if equal { "equals" } else { "DIFFERS FROM" },
-            started.elapsed().as_secs_f64(),
-            demo.image_bytes_allocated_source as f64 / (1 << 20) as f64,
-            demo.image_bytes_allocated_target as f64 / (1 << 20) as f64,
+            "live migration of a {:.0} MiB disk on loopback QUIC",
+            mib(demo.bytes_total)
+        );
+        println!(
+            "  total {:.2} s; converged after {:.2} s; storage downtime {:.1} ms (switchover to verified commit)",
+            demo.total_s,
+            demo.converged_after_s.unwrap_or_default(),
+            demo.storage_downtime_ms
+        );
+        println!(
+            "  guest: {} writes, {:.1} MiB/s achieved of {:.1} MiB/s intended while migrating",
+            demo.guest_writes, demo.guest_write_mib_s, demo.guest_write_mib_s_intended
+        );
+        println!(
+            "  passes {}; data {:.1} MiB, re-sent {:.1} MiB, on the wire {:.1} MiB",
+            demo.passes,
+            mib(demo.bytes_data),
+            mib(demo.bytes_resent),
+            mib(demo.bytes_wire)
+        );
+        println!(
+            "  verified: {}; independent byte-for-byte check: target {} source",
+            if demo.verified { "yes" } else { "no" },
+            if equal { "equals" } else { "DIFFERS FROM" }
         );
     }
-    if !equal || !demo.copy.verified {
+    if !equal || !demo.verified {
         bail!("the target does not equal the source");
     }
     Ok(())
-}
-
-fn allocated(path: &Path) -> anyhow::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::metadata(path)?.blocks() * 512)
 }
 
 /// Compares two files byte for byte.

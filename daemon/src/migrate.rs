@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tern_blockdev::{BlockDevice, OpenOptions};
 use tern_engine::compression::CompressionMode;
-use tern_engine::driver::{SourceOptions, run_source};
+use tern_engine::driver::{LiveHooks, SourceOptions, SourceReport, run_source};
 use tern_engine::{SourceConfig, SourceProgress, VerifyMode};
 use tern_transport::{Fingerprint, Identity, TransportTuning, connect};
 use tokio::sync::watch;
@@ -66,13 +66,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("load identity from {}", args.identity.display()))?;
     let options = options(args.compression, args.streams, args.verify);
     let runtime = runtime(args.worker_threads)?;
-    let summary = runtime.block_on(copy(
-        &args.images,
-        args.to,
-        &identity,
-        args.peer,
-        options,
-        args.json,
+    let disks = open_images(&args.images)?;
+    let (summary, _) = runtime.block_on(copy(
+        disks, args.to, &identity, args.peer, options, args.json, None,
     ))?;
     print_summary(&summary, args.json)
 }
@@ -123,15 +119,8 @@ pub(crate) fn identity_of(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// Copies `images` to the target at `to` and returns the summary.
-pub(crate) async fn copy(
-    images: &[PathBuf],
-    to: SocketAddr,
-    identity: &Identity,
-    peer: Fingerprint,
-    options: SourceOptions,
-    quiet: bool,
-) -> anyhow::Result<Summary> {
+/// Opens the source images read-only.
+pub(crate) fn open_images(images: &[PathBuf]) -> anyhow::Result<Vec<(BlockDevice, String)>> {
     let mut disks = Vec::new();
     for image in images {
         let open = OpenOptions {
@@ -143,6 +132,19 @@ pub(crate) async fn copy(
         tracing::info!(image = %image.display(), backend = %device.kind(), direct = device.direct(), "source image open");
         disks.push((device, identity_of(image)));
     }
+    Ok(disks)
+}
+
+/// Migrates `disks` to the target at `to`; returns the summary and the engine's report.
+pub(crate) async fn copy(
+    disks: Vec<(BlockDevice, String)>,
+    to: SocketAddr,
+    identity: &Identity,
+    peer: Fingerprint,
+    options: SourceOptions,
+    quiet: bool,
+    live: Option<LiveHooks>,
+) -> anyhow::Result<(Summary, SourceReport)> {
     let bytes_total: u64 = disks.iter().map(|(d, _)| d.size()).sum();
     let (endpoint, connection) = connect(to, identity, peer, &TransportTuning::default())
         .await
@@ -152,7 +154,7 @@ pub(crate) async fn copy(
         ..Default::default()
     });
     let bar = crate::progress::spawn(progress_rx, quiet);
-    let result = run_source(&connection, disks, options, Some(progress_tx), None).await;
+    let result = run_source(&connection, disks, options, Some(progress_tx), live).await;
     if let Some(bar) = bar {
         let _ = bar.await;
     }
@@ -161,7 +163,7 @@ pub(crate) async fn copy(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     let report = result.context("migration failed; the source image is unchanged")?;
     let seconds = report.duration.as_secs_f64();
-    Ok(Summary {
+    let summary = Summary {
         bytes_total: report.summary.progress.bytes_total,
         bytes_data: report.summary.progress.bytes_data,
         bytes_wire: report.bytes_wire,
@@ -170,7 +172,8 @@ pub(crate) async fn copy(
             / (1 << 20) as f64
             / seconds.max(1e-9),
         verified: report.summary.verified,
-    })
+    };
+    Ok((summary, report))
 }
 
 pub(crate) fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@
 //! - [`driver`]: thin async drivers that connect the state machines to `tern-blockdev` disks
 //!   and `tern-transport` QUIC streams.
 //! - [`bitmap`]: the wait-free dirty bitmap guest writes mark and the copier harvests.
+//! - [`tracked`]: `TrackedDisk`, the device guest IO goes through so writes are tracked.
 //! - [`digest`]: block digests for verification.
 //! - [`compression`]: when to compress, decided from measured CPU and link behaviour.
 //!
@@ -19,6 +20,7 @@ pub mod driver;
 pub mod error;
 pub mod source;
 pub mod target;
+pub mod tracked;
 
 pub use error::MigrationError;
 pub use source::{
@@ -26,3 +28,4 @@ pub use source::{
     Transmit, VerifyMode,
 };
 pub use target::{TargetEvent, TargetIo, TargetMigration};
+pub use tracked::TrackedDisk;

@@ -1,0 +1,123 @@
+//! `TrackedDisk`: the block device a VMM (or the demo's guest) does its IO through, so that
+//! every write is tracked in the dirty bitmap.
+//!
+//! A write, discard or write-zeroes marks its blocks *after* the backend completed it, and
+//! before the caller learns that it completed (invariant I2). A failed write marks too: it may
+//! have changed some bytes before failing. Reads and flushes pass through.
+
+use std::sync::Arc;
+
+use tern_blockdev::{BlockDevice, BlockError, Callback, Completion, IoBuf, IoOp};
+
+use crate::bitmap::DirtyBitmap;
+
+/// A block device whose writes are tracked. Cheap to clone; clones share the bitmap.
+#[derive(Clone, Debug)]
+pub struct TrackedDisk {
+    device: BlockDevice,
+    bitmap: Arc<DirtyBitmap>,
+}
+
+impl TrackedDisk {
+    /// Tracks writes to `device` at `granularity` bytes per bit (the migration's chunk size),
+    /// or `None` if the granularity is not a power of two between 4 KiB and 1 MiB.
+    pub fn new(device: BlockDevice, granularity: u32) -> Option<Self> {
+        let bitmap = Arc::new(DirtyBitmap::new(device.size(), granularity)?);
+        Some(Self { device, bitmap })
+    }
+
+    /// The device underneath (the migration reads it).
+    pub fn device(&self) -> &BlockDevice {
+        &self.device
+    }
+
+    /// The dirty bitmap (the migration harvests it).
+    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
+        &self.bitmap
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.device.size()
+    }
+
+    /// Submits `op`; writes mark the bitmap once the backend completed them, then `done` runs.
+    pub fn submit(&self, op: IoOp, done: Callback) {
+        let mark = match &op {
+            IoOp::Write { offset, buf } => Some((*offset, buf.len() as u64)),
+            IoOp::Discard { offset, len } | IoOp::WriteZeroes { offset, len } => {
+                Some((*offset, *len))
+            }
+            IoOp::Read { .. } | IoOp::Flush => None,
+        };
+        match mark {
+            None => self.device.submit(op, done),
+            Some((offset, len)) => {
+                let bitmap = self.bitmap.clone();
+                self.device.submit(
+                    op,
+                    Box::new(move |completion: Completion| {
+                        bitmap.mark(offset, len);
+                        done(completion);
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Writes `buf` at `offset` and waits; the blocks are marked before this returns.
+    pub fn write_blocking(&self, offset: u64, buf: IoBuf) -> Result<IoBuf, BlockError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(
+            IoOp::Write { offset, buf },
+            Box::new(move |completion| {
+                let _ = tx.send(completion);
+            }),
+        );
+        let completion = rx.recv().expect("the backend completes every request");
+        let IoOp::Write { buf, .. } = completion.op else {
+            unreachable!("a write completes as a write")
+        };
+        completion.result.map(|_| buf)
+    }
+
+    /// Reads `len` bytes at `offset` and waits.
+    pub fn read_blocking(&self, offset: u64, len: usize) -> Result<IoBuf, BlockError> {
+        self.device.read_blocking(offset, len)
+    }
+
+    /// Flushes (fdatasync) and waits.
+    pub fn flush_blocking(&self) -> Result<(), BlockError> {
+        self.device.flush_blocking()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_mark_their_blocks_after_completing_and_reads_do_not() {
+        let (device, _faults) = BlockDevice::memory(1 << 20);
+        let disk = TrackedDisk::new(device, 4096).unwrap();
+        disk.write_blocking(4096 + 10, IoBuf::from_slice(&[1; 5000]))
+            .unwrap();
+        disk.read_blocking(0, 1 << 20).unwrap();
+        assert_eq!(disk.bitmap().harvest(), vec![1..3]);
+        let read = disk.read_blocking(4096 + 10, 5000).unwrap();
+        assert!(read.iter().all(|b| *b == 1));
+    }
+
+    #[test]
+    fn a_failed_write_still_marks() {
+        let (device, faults) = BlockDevice::memory(1 << 20);
+        faults.fail_next(
+            tern_blockdev::OpKind::Write,
+            tern_blockdev::BlockErrorKind::Io,
+            1,
+        );
+        let disk = TrackedDisk::new(device, 4096).unwrap();
+        assert!(disk.write_blocking(0, IoBuf::from_slice(&[1; 10])).is_err());
+        assert_eq!(disk.bitmap().harvest(), vec![0..1]);
+    }
+}
