@@ -398,6 +398,8 @@ pub struct SourceMigration {
     stalled_harvests: u32,
     /// A harvest is wanted as soon as the driver can do one (no timer involved).
     harvest_now: bool,
+    /// Live: the barrier that ends the current pass, until the target confirms it.
+    pass_barrier: Option<u64>,
     /// Index of the disk the bulk pass is planning.
     bulk_disk: usize,
     transmit: VecDeque<Transmit>,
@@ -462,6 +464,7 @@ impl SourceMigration {
             converged: false,
             stalled_harvests: 0,
             harvest_now: false,
+            pass_barrier: None,
             bulk_disk: 0,
             transmit: VecDeque::new(),
             transmit_bytes: 0,
@@ -549,6 +552,17 @@ impl SourceMigration {
                 self.set_phase(Phase::Bulk);
                 self.events.push_back(SourceEvent::Connected);
                 self.maybe_finish_bulk();
+            }
+            (Phase::Iterating | Phase::FinalPass, Control::BarrierDone { id })
+                if self.pass_barrier == Some(id) =>
+            {
+                // The pass is on the target's disk: its rate is measured end to end, and the
+                // target's cache never holds more than one pass (short final flush).
+                self.pass_barrier = None;
+                if self.phase == Phase::Iterating {
+                    self.harvest_now = true;
+                }
+                self.maybe_finish_pass();
             }
             (Phase::Flush { barrier }, Control::BarrierDone { id }) if id == barrier => {
                 self.events.push_back(SourceEvent::Flushed);
@@ -812,7 +826,8 @@ impl SourceMigration {
                 .max(1e-6);
             let transfer_rate = self.pass.bytes_sent as f64 / seconds;
             let dirty_rate = dirty_bytes as f64 / seconds;
-            if self.phase == Phase::Iterating && self.pass.bytes_sent > 0 {
+            // Nothing sent and nothing dirty: an idle guest, converged with nothing to sync.
+            if self.phase == Phase::Iterating && (self.pass.bytes_sent > 0 || dirty_bytes == 0) {
                 let predicted =
                     Duration::from_secs_f64(dirty_bytes as f64 / transfer_rate.max(1.0));
                 if predicted <= live.max_downtime && !self.converged {
@@ -873,11 +888,20 @@ impl SourceMigration {
             return;
         }
         match self.phase {
-            Phase::Iterating if self.harvest_at.is_none() && !self.harvest_now => {
-                // The pass is sent; the guest kept writing meanwhile: harvest again.
-                self.harvest_now = true;
+            Phase::Iterating
+                if self.harvest_at.is_none()
+                    && !self.harvest_now
+                    && self.pass_barrier.is_none() =>
+            {
+                // The pass is sent. Harvest again once the target confirms it is durable, so
+                // the transfer rate counts what was still queued in the transport.
+                self.pass_barrier = Some(self.queue_barrier());
             }
-            Phase::FinalPass if self.pass.final_harvested && !self.harvest_now => {
+            Phase::FinalPass
+                if self.pass.final_harvested
+                    && !self.harvest_now
+                    && self.pass_barrier.is_none() =>
+            {
                 self.send_barrier();
             }
             _ => {}
@@ -979,9 +1003,14 @@ impl SourceMigration {
     }
 
     fn send_barrier(&mut self) {
+        let barrier = self.queue_barrier();
+        self.set_phase(Phase::Flush { barrier });
+    }
+
+    /// Queues a barrier behind every frame queued so far and returns its id.
+    fn queue_barrier(&mut self) -> u64 {
         let barrier = self.next_barrier;
         self.next_barrier += 1;
-        self.set_phase(Phase::Flush { barrier });
         // The barrier goes behind every frame still queued: its counts are the frames already
         // handed to the driver plus those queued ahead of it.
         let mut frames = self.frames_sent.clone();
@@ -994,6 +1023,7 @@ impl SourceMigration {
             id: barrier,
             frames,
         }));
+        barrier
     }
 
     fn handle_digests(&mut self, disk: u32, block: u64, digests: &[u128]) {
