@@ -207,6 +207,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             let mut guest_result = (0, 0, started.elapsed());
             while let Some(event) = event_rx.recv().await {
                 match event {
+                    SourceEvent::SwitchedOver { .. } => {
+                        // The VMM would finish its memory migration here, then commit.
+                        let _ = command_tx.send(Command::Commit);
+                    }
                     SourceEvent::BulkDone if guest.is_none() && converged_at.is_none() => {
                         // No guest: nothing will be dirtied; switch over at once.
                         converged_at = Some(started.elapsed());
@@ -309,7 +313,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             mib(demo.bytes_total)
         );
         println!(
-            "  total {:.2} s; converged after {:.2} s; storage downtime {:.1} ms (switchover to verified commit)",
+            "  total {:.2} s; converged after {:.2} s; storage downtime {:.1} ms (switchover to verified handoff)",
             demo.total_s,
             demo.converged_after_s.unwrap_or_default(),
             demo.storage_downtime_ms

@@ -38,4 +38,7 @@ pub enum MigrationError {
     /// Cancelled by the operator or the embedding VMM.
     #[error("cancelled")]
     Cancelled,
+    /// Rolled back by the VMM before commit: the source stays authoritative.
+    #[error("rolled back before commit; the source stays authoritative")]
+    RolledBack,
 }

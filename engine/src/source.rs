@@ -251,6 +251,12 @@ pub enum SourceEvent {
     },
     /// The target confirmed that everything is durable.
     Flushed,
+    /// Live: the final pass is durable on the target and verified; the VM may resume on the
+    /// target once the VMM commits. Until `commit`, the source stays authoritative.
+    SwitchedOver {
+        /// Whether digests were compared.
+        verified: bool,
+    },
     /// Finished: the target holds a verified copy.
     Completed(SourceSummary),
     /// Failed; the source is still authoritative. Send nothing more.
@@ -265,6 +271,7 @@ enum Phase {
     FinalPass,
     Flush { barrier: u64 },
     Verify,
+    HandedOff,
     Complete,
     Done,
     Failed,
@@ -279,6 +286,7 @@ impl Phase {
             Phase::FinalPass => "final-pass",
             Phase::Flush { .. } => "flush",
             Phase::Verify => "verify",
+            Phase::HandedOff => "switched-over",
             Phase::Complete => "complete",
             Phase::Done => "done",
             Phase::Failed => "failed",
@@ -583,8 +591,7 @@ impl SourceMigration {
                     }
                     self.maybe_finish_verify();
                 } else {
-                    self.set_phase(Phase::Complete);
-                    self.push_transmit(Transmit::Control(Control::Complete));
+                    self.hand_off();
                 }
             }
             (
@@ -671,7 +678,7 @@ impl SourceMigration {
                 MigrationError::Incompatible(_) => ErrorCode::Incompatible,
                 MigrationError::Disk { .. } => ErrorCode::Disk,
                 MigrationError::VerifyMismatch { .. } => ErrorCode::VerifyFailed,
-                MigrationError::Cancelled => ErrorCode::Cancelled,
+                MigrationError::Cancelled | MigrationError::RolledBack => ErrorCode::Cancelled,
                 _ => ErrorCode::Internal,
             };
             self.transmit.push_back(Transmit::Control(Control::Error {
@@ -1067,9 +1074,42 @@ impl SourceMigration {
             .iter()
             .all(|disk| disk.verified_chunks == disk.chunks());
         if self.phase == Phase::Verify && complete {
+            self.hand_off();
+        }
+    }
+
+    /// The target holds a durable, verified copy. A plain copy completes at once; a live
+    /// migration waits for the VMM's `commit` (or `rollback`): until then the source stays
+    /// authoritative (I4).
+    fn hand_off(&mut self) {
+        if self.config.live.is_some() {
+            self.set_phase(Phase::HandedOff);
+            self.events.push_back(SourceEvent::SwitchedOver {
+                verified: self.config.verify != VerifyMode::Off,
+            });
+        } else {
             self.set_phase(Phase::Complete);
             self.push_transmit(Transmit::Control(Control::Complete));
         }
+    }
+
+    /// Live, after `SwitchedOver`: make the target authoritative. Once the target confirms,
+    /// `Completed` follows; the source may then be released.
+    pub fn commit(&mut self) {
+        if self.phase != Phase::HandedOff {
+            return;
+        }
+        self.set_phase(Phase::Complete);
+        self.push_transmit(Transmit::Control(Control::Complete));
+    }
+
+    /// Abandons the migration before commit: the target is told and keeps its image marked
+    /// incomplete; the source stays authoritative and the guest may resume on it.
+    pub fn rollback(&mut self) {
+        if matches!(self.phase, Phase::Complete | Phase::Done | Phase::Failed) {
+            return;
+        }
+        self.fail(MigrationError::RolledBack, true);
     }
 }
 

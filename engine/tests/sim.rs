@@ -54,6 +54,9 @@ struct World {
     guest_active: bool,
     switchover_after_passes: u64,
     guest_writes: u64,
+    /// Live: roll back instead of committing at the handoff.
+    rollback: bool,
+    check_equal_at_switchover: bool,
     source_result: Option<Result<(), MigrationError>>,
     target_result: Option<Result<(), MigrationError>>,
     max_target_ios: usize,
@@ -145,6 +148,7 @@ impl World {
             .map(|d| DirtyBitmap::new(d.len() as u64, chunk_bytes).unwrap())
             .collect();
         let switchover_after_passes = rng.random_range(1..6);
+        let rollback = live && rng.random_range(0..8) == 0;
         let streams = config.data_streams as usize;
         // The target starts with garbage: zero ranges must really zero it.
         let target_disks = source_disks.iter().map(|d| vec![0xAA; d.len()]).collect();
@@ -176,6 +180,8 @@ impl World {
             guest_active: live,
             switchover_after_passes,
             guest_writes: 0,
+            rollback,
+            check_equal_at_switchover: false,
             source_result: None,
             target_result: None,
             max_target_ios: 0,
@@ -229,6 +235,20 @@ impl World {
                     self.source_result = Some(Ok(()));
                 }
                 SourceEvent::Failed(e) => self.source_result = Some(Err(e)),
+                SourceEvent::SwitchedOver { verified } => {
+                    assert!(verified);
+                    // Handoff: the target must equal the source now, before commit (I1).
+                    assert!(
+                        self.source_disks == self.target_disks,
+                        "target differs from source at switchover"
+                    );
+                    self.check_equal_at_switchover = true;
+                    if self.rollback {
+                        self.source.rollback();
+                    } else {
+                        self.source.commit();
+                    }
+                }
                 _ => {}
             }
         }
@@ -251,6 +271,8 @@ impl World {
 
     /// Performs one randomly chosen step; false when nothing can happen any more.
     fn step(&mut self) -> bool {
+        // Twice: reacting to an event (commit, rollback) queues output of its own.
+        self.drain();
         self.drain();
         let mut choices = Vec::new();
         if !self.to_target_control.is_empty() {
@@ -439,6 +461,7 @@ enum Outcome {
     CompletedLive,
     DiskFailure,
     CorruptionCaught,
+    RolledBack,
 }
 
 fn run_seed(seed: u64) -> Outcome {
@@ -473,6 +496,14 @@ fn run_seed(seed: u64) -> Outcome {
             } else {
                 Outcome::Completed
             }
+        }
+        (Some(Err(MigrationError::RolledBack)), Some(Err(MigrationError::Peer(_)))) => {
+            assert!(world.rollback, "seed={seed}: rolled back unasked");
+            // Rolled back after a verified handoff: the target was equal, and stays
+            // incomplete; the source stays authoritative.
+            assert!(world.check_equal_at_switchover);
+            assert!(world.source_disks == world.target_disks);
+            Outcome::RolledBack
         }
         (Some(Err(MigrationError::VerifyMismatch { .. })), _) => {
             assert!(
@@ -525,6 +556,7 @@ fn migrations_complete_with_target_equal_to_source_under_any_interleaving() {
             Outcome::CompletedLive,
             Outcome::DiskFailure,
             Outcome::CorruptionCaught,
+            Outcome::RolledBack,
         ] {
             assert!(outcomes.contains_key(&outcome), "no seed ended {outcome:?}");
         }

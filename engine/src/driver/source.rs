@@ -54,6 +54,10 @@ pub enum Command {
     Switchover,
     /// Give up; the source stays authoritative.
     Cancel,
+    /// After `SwitchedOver`: make the target authoritative.
+    Commit,
+    /// Before commit: abandon; the target's image stays marked incomplete.
+    Rollback,
 }
 
 /// The outcome of a source run.
@@ -67,8 +71,8 @@ pub struct SourceReport {
     pub frames_compressed: u64,
     /// Wall-clock time from the first frame to the target's confirmation.
     pub duration: Duration,
-    /// Live: storage downtime, from the switchover command to the target's confirmation of a
-    /// verified, durable copy.
+    /// Live: storage downtime, from the switchover command to the handoff (final pass durable
+    /// on the target and verified).
     pub downtime: Option<Duration>,
 }
 
@@ -104,7 +108,8 @@ pub async fn run_source(
         }
         None => (Vec::new(), None, None),
     };
-    let mut switchover_started = None;
+    let mut switchover_started: Option<Instant> = None;
+    let mut downtime = None;
     let mut source_disks = Vec::with_capacity(disks.len());
     for (index, (disk, identity)) in disks.iter().enumerate() {
         let allocated = disk.allocated_extents().map_err(|e| MigrationError::Disk {
@@ -208,6 +213,14 @@ pub async fn run_source(
                 SourceEvent::Connected => tracing::info!("target accepted the handshake"),
                 SourceEvent::BulkDone => tracing::info!("bulk pass sent"),
                 SourceEvent::Flushed => tracing::info!("target flushed"),
+                SourceEvent::SwitchedOver { verified } => {
+                    downtime = switchover_started.map(|at| at.elapsed());
+                    tracing::info!(
+                        verified,
+                        downtime_ms = downtime.unwrap_or_default().as_secs_f64() * 1e3,
+                        "switched over; waiting for commit"
+                    );
+                }
                 SourceEvent::Converged {
                     dirty_bytes,
                     predicted_final_sync,
@@ -247,6 +260,8 @@ pub async fn run_source(
                         machine.start_switchover();
                     }
                     Some(Command::Cancel) => machine.cancel(),
+                    Some(Command::Commit) => machine.commit(),
+                    Some(Command::Rollback) => machine.rollback(),
                     // The handle was dropped: nobody can switch over any more.
                     None => commands = None,
                 }
@@ -283,7 +298,7 @@ pub async fn run_source(
         bytes_wire,
         frames_compressed: frames_compressed.load(std::sync::atomic::Ordering::Relaxed),
         duration: started.elapsed(),
-        downtime: switchover_started.map(|at| at.elapsed()),
+        downtime,
     })
 }
 
