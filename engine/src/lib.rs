@@ -5,6 +5,8 @@
 //!   production.
 //! - [`driver`]: thin async drivers that connect the state machines to `tern-blockdev` disks
 //!   and `tern-transport` QUIC streams.
+//! - [`api`]: the embedding API a VMM calls: `Migration::start`, `wait_converged`,
+//!   `switchover` → `Handoff`, `commit` / `rollback`; no async runtime needed by the caller.
 //! - [`bitmap`]: the wait-free dirty bitmap guest writes mark and the copier harvests.
 //! - [`tracked`]: `TrackedDisk`, the device guest IO goes through so writes are tracked.
 //! - [`digest`]: block digests for verification.
@@ -13,6 +15,7 @@
 //! Invariants I1–I6 are listed in `ARCHITECTURE.md`; each is asserted where it is enforced.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod bitmap;
 pub mod compression;
 pub mod digest;
@@ -22,6 +25,7 @@ pub mod source;
 pub mod target;
 pub mod tracked;
 
+pub use api::{Handoff, Migration, MigrationConfig};
 pub use error::MigrationError;
 pub use source::{
     SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, SourceSummary,

@@ -1,0 +1,325 @@
+//! The embedding API: what a VMM calls to move its disks while the guest runs.
+//!
+//! ```text
+//! let disk = TrackedDisk::new(device, chunk)            // the VMM's block backend does IO through it
+//! let migration = Migration::start(vec![disk], config)?  // connects, bulk pass, live passes
+//! migration.wait_converged(timeout)?                     // now start the memory pre-copy
+//! // pause vCPUs, drain in-flight disk IO
+//! let handoff = migration.switchover()?                  // final pass, flush, verify
+//! handoff.commit()? | handoff.rollback()?                // target authoritative | source stays
+//! ```
+//!
+//! The VMM needs no async runtime: the engine runs its own thread (with a one-thread tokio
+//! runtime inside), marking dirty is a plain wait-free call from the VMM's IO threads, and
+//! every call here blocks the calling thread only. Events arrive on a `std` channel.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tern_transport::{Fingerprint, Identity, TransportTuning, connect};
+use tokio::sync::{mpsc, watch};
+
+use crate::compression::CompressionMode;
+use crate::driver::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
+use crate::error::MigrationError;
+use crate::source::{LiveConfig, SourceConfig, SourceEvent, SourceProgress, VerifyMode};
+use crate::tracked::TrackedDisk;
+
+/// How to migrate.
+#[derive(Clone, Debug)]
+pub struct MigrationConfig {
+    /// The target's address (`tern serve --listen`).
+    pub target: SocketAddr,
+    /// This host's identity.
+    pub identity: Identity,
+    /// The target's certificate fingerprint.
+    pub peer: Fingerprint,
+    /// Storage downtime budget (default 50 ms).
+    pub max_downtime: Duration,
+    /// Compression policy (default `Auto`).
+    pub compression: CompressionMode,
+    /// Verification at switchover (default `Written`).
+    pub verify: VerifyMode,
+    /// Chunk size; must equal the `TrackedDisk`s' granularity (default 64 KiB).
+    pub chunk_bytes: u32,
+    /// Names of the disks sent to the target, in order (default `disk0`, `disk1`, …).
+    pub identities: Vec<String>,
+}
+
+impl MigrationConfig {
+    /// Defaults for everything but the peer.
+    pub fn new(target: SocketAddr, identity: Identity, peer: Fingerprint) -> Self {
+        Self {
+            target,
+            identity,
+            peer,
+            max_downtime: Duration::from_millis(50),
+            compression: CompressionMode::Auto,
+            verify: VerifyMode::Written,
+            chunk_bytes: crate::bitmap::GRANULARITY_DEFAULT,
+            identities: Vec::new(),
+        }
+    }
+}
+
+/// Where the migration is, as the blocking calls see it.
+#[derive(Clone, Debug, Default)]
+struct State {
+    converged: Option<SourceEvent>,
+    switched_over: Option<SourceEvent>,
+    failed: Option<MigrationError>,
+    finished: bool,
+}
+
+type Shared = Arc<(Mutex<State>, Condvar)>;
+
+/// A running live migration of one VM's disks (all of them converge, switch over and commit
+/// or roll back together).
+#[derive(Debug)]
+pub struct Migration {
+    commands: mpsc::UnboundedSender<Command>,
+    events: std::sync::mpsc::Receiver<SourceEvent>,
+    progress: watch::Receiver<SourceProgress>,
+    shared: Shared,
+    thread: Option<JoinHandle<Result<SourceReport, MigrationError>>>,
+}
+
+/// A migration after a successful switchover: the target holds a verified, durable copy,
+/// and the source is still authoritative until `commit`.
+#[derive(Debug)]
+pub struct Handoff {
+    migration: Migration,
+    /// Storage downtime: from `switchover` to this handoff.
+    pub downtime: Duration,
+}
+
+impl Migration {
+    /// Starts migrating `disks` (in order) to the target. Returns once the engine's thread
+    /// runs; connection errors arrive as a `Failed` event and from the blocking calls.
+    pub fn start(disks: Vec<TrackedDisk>, config: MigrationConfig) -> Result<Self, MigrationError> {
+        if disks.is_empty() {
+            return Err(MigrationError::Incompatible("no disks to migrate".into()));
+        }
+        for disk in &disks {
+            if disk.bitmap().granularity() != config.chunk_bytes {
+                return Err(MigrationError::Incompatible(format!(
+                    "disk tracked at {} bytes, migration chunk is {}",
+                    disk.bitmap().granularity(),
+                    config.chunk_bytes
+                )));
+            }
+        }
+        let (command_tx, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, mut event_rx) = mpsc::unbounded_channel::<SourceEvent>();
+        let (user_tx, user_rx) = std::sync::mpsc::channel();
+        let bytes_total = disks.iter().map(TrackedDisk::size).sum();
+        let (progress_tx, progress_rx) = watch::channel(SourceProgress {
+            bytes_total,
+            ..Default::default()
+        });
+        let shared: Shared = Arc::default();
+        let mut session_id = [0u8; 16];
+        // The session id only needs to differ between migrations; the clock is enough.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        session_id.copy_from_slice(&nanos.to_le_bytes());
+        let options = SourceOptions {
+            config: SourceConfig {
+                chunk_bytes: config.chunk_bytes,
+                verify: config.verify,
+                session_id,
+                live: Some(LiveConfig {
+                    max_downtime: config.max_downtime,
+                    ..LiveConfig::default()
+                }),
+                ..SourceConfig::default()
+            },
+            compression: config.compression,
+        };
+        let hooks = LiveHooks {
+            bitmaps: disks.iter().map(|d| d.bitmap().clone()).collect(),
+            commands: command_rx,
+            events: event_tx,
+        };
+        let devices: Vec<_> = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let name = config
+                    .identities
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("disk{i}"));
+                (d.device().clone(), name)
+            })
+            .collect();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tern-migration".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| MigrationError::Transport(format!("runtime: {e}")))?;
+                let forward_shared = thread_shared.clone();
+                let result = runtime.block_on(async move {
+                    let forward = tokio::spawn(async move {
+                        while let Some(event) = event_rx.recv().await {
+                            update(&forward_shared, &event);
+                            let _ = user_tx.send(event);
+                        }
+                    });
+                    let tuning = TransportTuning::default();
+                    let (endpoint, connection) =
+                        connect(config.target, &config.identity, config.peer, &tuning)
+                            .await
+                            .map_err(|e| MigrationError::Transport(e.to_string()))?;
+                    let result = run_source(
+                        &connection,
+                        devices,
+                        options,
+                        Some(progress_tx),
+                        Some(hooks),
+                    )
+                    .await;
+                    connection.close(0u32.into(), b"done");
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                    let _ = forward.await;
+                    result
+                });
+                let (lock, condvar) = &*thread_shared;
+                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(error) = &result {
+                    state.failed.get_or_insert(error.clone());
+                }
+                state.finished = true;
+                condvar.notify_all();
+                result
+            })
+            .map_err(|e| MigrationError::Transport(format!("spawn the migration thread: {e}")))?;
+        Ok(Self {
+            commands: command_tx,
+            events: user_rx,
+            progress: progress_rx,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Every engine event, in order (progress is in [`Migration::progress`]).
+    pub fn events(&self) -> &std::sync::mpsc::Receiver<SourceEvent> {
+        &self.events
+    }
+
+    /// Counters now.
+    pub fn progress(&self) -> SourceProgress {
+        self.progress.borrow().clone()
+    }
+
+    /// Blocks until storage converged (returns the `Converged` event), reported that it
+    /// cannot converge (returns `NotConverging`, so the VMM can decide), failed, or `timeout`
+    /// passed (`None`).
+    pub fn wait_converged(&self, timeout: Duration) -> Result<Option<SourceEvent>, MigrationError> {
+        let (lock, condvar) = &*self.shared;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = condvar
+            .wait_timeout_while(state, timeout, |s| {
+                s.converged.is_none() && s.failed.is_none() && !s.finished
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(error) = &state.failed {
+            return Err(error.clone());
+        }
+        Ok(state.converged.clone())
+    }
+
+    /// Call with the VM paused and its disk IO drained: final pass, target flush, digest
+    /// comparison. Returns the handoff, or the error that keeps the source authoritative.
+    pub fn switchover(self) -> Result<Handoff, MigrationError> {
+        let started = std::time::Instant::now();
+        let _ = self.commands.send(Command::Switchover);
+        let (lock, condvar) = &*self.shared;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let state = condvar
+            .wait_while(state, |s| {
+                s.switched_over.is_none() && s.failed.is_none() && !s.finished
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(error) = &state.failed {
+            return Err(error.clone());
+        }
+        if state.switched_over.is_none() {
+            return Err(MigrationError::Protocol(
+                "migration ended without a switchover".into(),
+            ));
+        }
+        drop(state);
+        Ok(Handoff {
+            migration: self,
+            downtime: started.elapsed(),
+        })
+    }
+}
+
+impl Handoff {
+    /// Makes the target authoritative and waits for its confirmation. Afterwards the source
+    /// disks may be released.
+    pub fn commit(mut self) -> Result<SourceReport, MigrationError> {
+        let _ = self.migration.commands.send(Command::Commit);
+        self.migration.join()
+    }
+
+    /// Abandons the migration: the target keeps its image marked incomplete and the VM
+    /// resumes on the source.
+    pub fn rollback(mut self) -> Result<(), MigrationError> {
+        let _ = self.migration.commands.send(Command::Rollback);
+        match self.migration.join() {
+            Err(MigrationError::RolledBack) => Ok(()),
+            Err(other) => Err(other),
+            Ok(_) => Err(MigrationError::Protocol(
+                "committed despite rollback".into(),
+            )),
+        }
+    }
+}
+
+impl Migration {
+    fn join(&mut self) -> Result<SourceReport, MigrationError> {
+        let thread = self.thread.take().expect("joined once");
+        thread.join().unwrap_or_else(|_| {
+            Err(MigrationError::Transport(
+                "migration thread panicked".into(),
+            ))
+        })
+    }
+}
+
+impl Drop for Migration {
+    /// Dropping a migration before commit rolls it back: the source stays authoritative.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.commands.send(Command::Rollback);
+            let _ = self.commands.send(Command::Cancel);
+            let _ = thread.join();
+        }
+    }
+}
+
+fn update(shared: &Shared, event: &SourceEvent) {
+    let (lock, condvar) = &**shared;
+    let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+    match event {
+        SourceEvent::Converged { .. } | SourceEvent::NotConverging { .. } => {
+            state.converged.get_or_insert(event.clone());
+        }
+        SourceEvent::SwitchedOver { .. } => state.switched_over = Some(event.clone()),
+        SourceEvent::Failed(error) => state.failed = Some(error.clone()),
+        _ => return,
+    }
+    condvar.notify_all();
+}
