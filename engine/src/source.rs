@@ -394,8 +394,10 @@ pub struct SourceMigration {
     next_generation: u64,
     next_token: u64,
     next_barrier: u64,
-    /// Reads in flight: token → (disk, byte range).
-    reads: HashMap<u64, (u32, Range<u64>)>,
+    /// Reads in flight: token → (disk, byte range, generation). The generation is taken when
+    /// the read is issued: a read issued later returns data at least as new, so issue order
+    /// is the order the target must apply (I3), whatever order reads complete in.
+    reads: HashMap<u64, (u32, Range<u64>, u64)>,
     /// Dirty byte ranges harvested but not yet read (live passes).
     dirty_queue: VecDeque<(u32, Range<u64>)>,
     /// A harvest is due at this time (live, nothing pending).
@@ -623,7 +625,7 @@ impl SourceMigration {
 
     /// A read completed with `data` (exactly the requested length).
     pub fn handle_read_done(&mut self, token: u64, data: Bytes) {
-        let Some((disk, range)) = self.reads.remove(&token) else {
+        let Some((disk, range, generation)) = self.reads.remove(&token) else {
             panic!("read completion for unknown token {token}");
         };
         if self.is_finished() {
@@ -641,14 +643,14 @@ impl SourceMigration {
         if self.phase != Phase::Bulk {
             self.progress.bytes_resent += range.end - range.start;
         }
-        self.send_block(disk, range.start, data);
+        self.send_block(disk, range.start, data, generation);
         self.maybe_finish_bulk();
         self.maybe_finish_pass();
     }
 
     /// A read failed. The migration fails; the source disk is untouched by the copy.
     pub fn handle_read_failed(&mut self, token: u64, message: String) {
-        let Some((disk, _)) = self.reads.remove(&token) else {
+        let Some((disk, _, _)) = self.reads.remove(&token) else {
             panic!("read failure for unknown token {token}");
         };
         self.fail(MigrationError::Disk { disk, message }, true);
@@ -742,7 +744,9 @@ impl SourceMigration {
             let range = disk.block_range(block);
             let token = self.next_token;
             self.next_token += 1;
-            self.reads.insert(token, (disk_index as u32, range.clone()));
+            let generation = self.next_generation();
+            self.reads
+                .insert(token, (disk_index as u32, range.clone(), generation));
             self.io.push_back(ReadRequest {
                 token,
                 disk: disk_index as u32,
@@ -768,7 +772,8 @@ impl SourceMigration {
             };
             let token = self.next_token;
             self.next_token += 1;
-            self.reads.insert(token, (disk, range.clone()));
+            let generation = self.next_generation();
+            self.reads.insert(token, (disk, range.clone(), generation));
             self.io.push_back(ReadRequest {
                 token,
                 disk,
@@ -939,7 +944,7 @@ impl SourceMigration {
     }
 
     /// Splits a block read into runs of zero and non-zero chunks and queues their frames.
-    fn send_block(&mut self, disk: u32, offset: u64, data: Bytes) {
+    fn send_block(&mut self, disk: u32, offset: u64, data: Bytes, generation: u64) {
         let chunk_bytes = self.config.chunk_bytes as usize;
         debug_assert_eq!(offset % chunk_bytes as u64, 0);
         let first_chunk = offset / chunk_bytes as u64;
@@ -955,7 +960,7 @@ impl SourceMigration {
             let byte_end = (run_end * chunk_bytes).min(data.len());
             let chunk = first_chunk + run_start as u64;
             let count = (run_end - run_start) as u32;
-            let generation = self.next_generation();
+
             let stream = self.stream_for(disk, offset);
             if zero {
                 self.progress.bytes_zero += (byte_end - byte_start) as u64;
