@@ -19,7 +19,7 @@ use serde::Serialize;
 use tern_blockdev::{BlockDevice, IoBuf, OpenOptions};
 use tern_engine::compression::CompressionMode;
 use tern_engine::driver::{Command, LiveHooks, incomplete_marker, serve_one};
-use tern_engine::source::LiveConfig;
+use tern_engine::source::{LiveConfig, LiveMode};
 use tern_engine::{SourceEvent, TrackedDisk};
 use tern_transport::{Identity, TransportTuning, listen};
 use tokio::sync::mpsc;
@@ -34,10 +34,21 @@ pub(crate) struct Args {
     /// guest, which makes the demo a plain copy.
     #[arg(long, default_value_t = 32.0)]
     rate: f64,
+    /// Guest writer threads (the guest's queue depth); the rate is shared among them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    queue_depth: u32,
+    /// Let the guest write as fast as it can (ignores --rate unless it is 0).
+    #[arg(long)]
+    unpaced: bool,
     /// Storage downtime budget in milliseconds: the migration converges once the predicted
     /// final sync fits in it.
     #[arg(long, default_value_t = 50)]
     max_downtime_ms: u64,
+    /// `auto` throttles the guest when it dirties data faster than the link moves it (every
+    /// change is logged with its numbers); `background` only re-sends and reports that it
+    /// cannot converge, then (in this demo) pauses the guest and switches over anyway.
+    #[arg(long, default_value = "auto")]
+    mode: LiveMode,
     /// Compression (see `tern migrate --help`).
     #[arg(long = "compress", default_value = "auto")]
     compression: CompressionMode,
@@ -63,8 +74,10 @@ struct DemoSummary {
     bytes_wire: u64,
     guest_writes: u64,
     guest_write_mib_s: f64,
+    /// `null` in JSON for an unpaced guest.
     guest_write_mib_s_intended: f64,
     converged_after_s: Option<f64>,
+    mode_changes: u32,
     verified: bool,
     target_matches_source: bool,
 }
@@ -74,20 +87,24 @@ struct Guest {
     stop: Arc<AtomicBool>,
     bytes: Arc<AtomicU64>,
     writes: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Guest {
-    fn start(disk: TrackedDisk, rate_mib_s: f64) -> Self {
+    /// `threads` writers sharing `rate_mib_s` (`None`: as fast as they can).
+    fn start(disk: TrackedDisk, rate_mib_s: Option<f64>, threads: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let bytes = Arc::new(AtomicU64::new(0));
         let writes = Arc::new(AtomicU64::new(0));
-        let thread = {
+        let threads = (0..threads).map(|index| {
             let (stop, bytes, writes) = (stop.clone(), bytes.clone(), writes.clone());
+            let disk = disk.clone();
+            let rate_mib_s = rate_mib_s.map(|r| r / threads as f64);
             std::thread::Builder::new()
-                .name("demo-guest".into())
+                .name(format!("demo-guest-{index}"))
                 .spawn(move || {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(42 + index as u64);
+                    let mut mine = 0u64;
                     let started = Instant::now();
                     let blocks = disk.size() / 4096;
                     while !stop.load(Ordering::Acquire) && blocks > 16 {
@@ -96,34 +113,39 @@ impl Guest {
                         let mut data = vec![0u8; len as usize];
                         rng.fill_bytes(&mut data);
                         disk.write_blocking(offset, IoBuf::from_slice(&data))?;
-                        let written = bytes.fetch_add(len, Ordering::Relaxed) + len;
+                        bytes.fetch_add(len, Ordering::Relaxed);
                         writes.fetch_add(1, Ordering::Relaxed);
+                        mine += len;
                         // Pace to the rate: sleep until this many bytes are due.
-                        let due = Duration::from_secs_f64(
-                            written as f64 / (rate_mib_s * (1 << 20) as f64),
-                        );
-                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                            std::thread::sleep(ahead);
+                        if let Some(rate) = rate_mib_s {
+                            let due =
+                                Duration::from_secs_f64(mine as f64 / (rate * (1 << 20) as f64));
+                            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                                std::thread::sleep(ahead);
+                            }
                         }
                     }
                     Ok(())
                 })
-                .expect("spawn the guest thread")
-        };
+                .expect("spawn a guest thread")
+        });
+        let threads = threads.collect();
         Self {
             stop,
             bytes,
             writes,
-            thread,
+            threads,
         }
     }
 
     /// Pauses the guest: returns once its last write completed (and was marked).
     fn pause(self) -> anyhow::Result<(u64, u64)> {
         self.stop.store(true, Ordering::Release);
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
+        for thread in self.threads {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
+        }
         Ok((
             self.bytes.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
@@ -166,6 +188,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let mut options = crate::migrate::options(args.compression, 4, args.verify);
     options.config.live = Some(LiveConfig {
         max_downtime: Duration::from_millis(args.max_downtime_ms),
+        mode: args.mode,
         ..LiveConfig::default()
     });
     let device = BlockDevice::open(&source_image, &OpenOptions::default())
@@ -193,20 +216,42 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
 
         let (command_tx, command_rx) = mpsc::unbounded_channel();
         let (event_tx, mut event_rx) = mpsc::unbounded_channel();
-        let guest = (args.rate > 0.0).then(|| Guest::start(disk.clone(), args.rate));
+        let pace = (!args.unpaced).then_some(args.rate);
+        let guest =
+            (args.rate > 0.0).then(|| Guest::start(disk.clone(), pace, args.queue_depth));
         if !args.json {
+            let pace = if args.unpaced || args.rate == 0.0 {
+                "as fast as it can".to_string()
+            } else {
+                format!("{} MiB/s", args.rate)
+            };
             eprintln!(
-                "tern demo: migrating over QUIC on {address} while the guest writes {} MiB/s",
-                args.rate
+                "tern demo: migrating over QUIC on {address} while the guest ({} writer threads) writes {pace}",
+                args.queue_depth
             );
         }
         // The VMM's side: at convergence, pause the guest and switch over.
+        let quiet = args.json;
         let vmm = tokio::spawn(async move {
             let mut guest = guest;
             let mut converged_at = None;
+            let mut mode_changes = 0u32;
             let mut guest_result = (0, 0, started.elapsed());
             while let Some(event) = event_rx.recv().await {
                 match event {
+                    SourceEvent::ModeChanged {
+                        throttle_bytes_per_s,
+                        ref reason,
+                        ..
+                    } => {
+                        mode_changes += 1;
+                        if !quiet {
+                            eprintln!(
+                                "tern demo: mode changed: {reason} ({:.1} MiB/s)",
+                                throttle_bytes_per_s as f64 / (1 << 20) as f64
+                            );
+                        }
+                    }
                     SourceEvent::SwitchedOver { .. } => {
                         // The VMM would finish its memory migration here, then commit.
                         let _ = command_tx.send(Command::Commit);
@@ -256,10 +301,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 let (bytes, writes) = tokio::task::spawn_blocking(move || guest.pause()).await??;
                 guest_result = (bytes, writes, paused_at);
             }
-            anyhow::Ok((converged_at, guest_result))
+            anyhow::Ok((converged_at, guest_result, mode_changes))
         });
         let hooks = LiveHooks {
             bitmaps: vec![disk.bitmap().clone()],
+            throttles: vec![disk.throttle().clone()],
             commands: command_rx,
             events: event_tx,
         };
@@ -275,12 +321,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         .await;
         let vmm = vmm.await?;
         let (summary, report) = copied?;
-        let (converged_at, guest) = vmm?;
+        let (converged_at, guest, mode_changes) = vmm?;
         target.await?.context("target failed")?;
-        anyhow::Ok((summary, report, converged_at, guest))
+        anyhow::Ok((summary, report, converged_at, guest, mode_changes))
     })?;
     let total = started.elapsed();
-    let (summary, report, converged_at, (guest_bytes, guest_writes, guest_time)) = outcome;
+    let (summary, report, converged_at, (guest_bytes, guest_writes, guest_time), mode_changes) =
+        outcome;
 
     let equal = files_equal(&source_image, &target_image)?;
     if incomplete_marker(&target_image).exists() {
@@ -299,8 +346,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         guest_write_mib_s: guest_bytes as f64
             / (1 << 20) as f64
             / guest_time.as_secs_f64().max(1e-9),
-        guest_write_mib_s_intended: args.rate,
+        guest_write_mib_s_intended: if args.unpaced {
+            f64::INFINITY
+        } else {
+            args.rate
+        },
         converged_after_s: converged_at.map(|d| d.as_secs_f64()),
+        mode_changes,
         verified: summary.verified,
         target_matches_source: equal,
     };
@@ -323,8 +375,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             demo.guest_writes, demo.guest_write_mib_s, demo.guest_write_mib_s_intended
         );
         println!(
-            "  passes {}; data {:.1} MiB, re-sent {:.1} MiB, on the wire {:.1} MiB",
+            "  passes {}; mode changes {}; data {:.1} MiB, re-sent {:.1} MiB, on the wire {:.1} MiB",
             demo.passes,
+            demo.mode_changes,
             mib(demo.bytes_data),
             mib(demo.bytes_resent),
             mib(demo.bytes_wire)

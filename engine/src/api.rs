@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use crate::compression::CompressionMode;
 use crate::driver::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
 use crate::error::MigrationError;
-use crate::source::{LiveConfig, SourceConfig, SourceEvent, SourceProgress, VerifyMode};
+use crate::source::{LiveConfig, LiveMode, SourceConfig, SourceEvent, SourceProgress, VerifyMode};
 use crate::tracked::TrackedDisk;
 
 /// How to migrate.
@@ -42,6 +42,8 @@ pub struct MigrationConfig {
     pub compression: CompressionMode,
     /// Verification at switchover (default `Written`).
     pub verify: VerifyMode,
+    /// Reaction to a guest that writes faster than the link (default `Auto`).
+    pub mode: LiveMode,
     /// Chunk size; must equal the `TrackedDisk`s' granularity (default 64 KiB).
     pub chunk_bytes: u32,
     /// Names of the disks sent to the target, in order (default `disk0`, `disk1`, …).
@@ -58,6 +60,7 @@ impl MigrationConfig {
             max_downtime: Duration::from_millis(50),
             compression: CompressionMode::Auto,
             verify: VerifyMode::Written,
+            mode: LiveMode::Auto,
             chunk_bytes: crate::bitmap::GRANULARITY_DEFAULT,
             identities: Vec::new(),
         }
@@ -134,6 +137,7 @@ impl Migration {
                 session_id,
                 live: Some(LiveConfig {
                     max_downtime: config.max_downtime,
+                    mode: config.mode,
                     ..LiveConfig::default()
                 }),
                 ..SourceConfig::default()
@@ -142,6 +146,7 @@ impl Migration {
         };
         let hooks = LiveHooks {
             bitmaps: disks.iter().map(|d| d.bitmap().clone()).collect(),
+            throttles: disks.iter().map(|d| d.throttle().clone()).collect(),
             commands: command_rx,
             events: event_tx,
         };

@@ -9,6 +9,7 @@
 //!   `switchover` → `Handoff`, `commit` / `rollback`; no async runtime needed by the caller.
 //! - [`bitmap`]: the wait-free dirty bitmap guest writes mark and the copier harvests.
 //! - [`tracked`]: `TrackedDisk`, the device guest IO goes through so writes are tracked.
+//! - [`throttle`]: the guest write limit `auto` mode applies as a last resort.
 //! - [`digest`]: block digests for verification.
 //! - [`compression`]: when to compress, decided from measured CPU and link behaviour.
 //!
@@ -23,6 +24,7 @@ pub mod driver;
 pub mod error;
 pub mod source;
 pub mod target;
+pub mod throttle;
 pub mod tracked;
 
 pub use api::{Handoff, Migration, MigrationConfig};

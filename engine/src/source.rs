@@ -64,8 +64,32 @@ pub struct LiveConfig {
     pub max_downtime: Duration,
     /// How long to wait before harvesting again after a harvest found nothing dirty.
     pub harvest_interval: Duration,
-    /// Harvests in a row whose dirty set does not shrink before `NotConverging` is reported.
+    /// Harvests in a row whose dirty set does not shrink before `NotConverging` is reported
+    /// (`Background`) or the mode escalates (`Auto`).
     pub stalled_harvests_max: u32,
+    /// What to do when the dirty set stops shrinking.
+    pub mode: LiveMode,
+}
+
+/// How a live migration reacts to a guest that dirties data as fast as it can be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiveMode {
+    /// Only re-send passes; report `NotConverging` with the numbers and keep going.
+    Background,
+    /// Escalate: throttle the guest's writes below the measured transfer rate, halving the
+    /// limit each time the dirty set stalls again. Every change is a `ModeChanged` event.
+    Auto,
+}
+
+impl std::str::FromStr for LiveMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "background" => Ok(Self::Background),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("mode must be auto or background, not {other:?}")),
+        }
+    }
 }
 
 impl Default for LiveConfig {
@@ -73,7 +97,8 @@ impl Default for LiveConfig {
         Self {
             max_downtime: Duration::from_millis(50),
             harvest_interval: Duration::from_millis(5),
-            stalled_harvests_max: 8,
+            stalled_harvests_max: 4,
+            mode: LiveMode::Auto,
         }
     }
 }
@@ -249,6 +274,19 @@ pub enum SourceEvent {
         /// Bytes sent per second over the last pass.
         transfer_rate: f64,
     },
+    /// Live, `Auto`: the engine changed how it treats guest writes.
+    ModeChanged {
+        /// Guest write limit now in force, bytes per second (0 = none).
+        throttle_bytes_per_s: u64,
+        /// Why, in words.
+        reason: String,
+        /// Dirty bytes at the harvest that decided.
+        dirty_bytes: u64,
+        /// Bytes the guest dirtied per second over the last pass.
+        dirty_rate: f64,
+        /// Bytes sent per second over the last pass.
+        transfer_rate: f64,
+    },
     /// The target confirmed that everything is durable.
     Flushed,
     /// Live: the final pass is durable on the target and verified; the VM may resume on the
@@ -303,6 +341,8 @@ struct PassStats {
     bytes_sent: u64,
     /// Dirty bytes at the previous harvest.
     last_dirty_bytes: u64,
+    /// The smallest dirty set of any harvest since the last escalation (0: none yet).
+    best_dirty_bytes: u64,
     /// The final pass's harvest happened.
     final_harvested: bool,
 }
@@ -408,6 +448,8 @@ pub struct SourceMigration {
     stalled_harvests: u32,
     /// A harvest is wanted as soon as the driver can do one (no timer involved).
     harvest_now: bool,
+    /// `Auto`: the guest write limit in force (0 = none).
+    throttle_bytes_per_s: u64,
     /// Live: the barrier that ends the current pass, until the target confirms it.
     pass_barrier: Option<u64>,
     /// Index of the disk the bulk pass is planning.
@@ -474,6 +516,7 @@ impl SourceMigration {
             converged: false,
             stalled_harvests: 0,
             harvest_now: false,
+            throttle_bytes_per_s: 0,
             pass_barrier: None,
             bulk_disk: 0,
             transmit: VecDeque::new(),
@@ -850,14 +893,26 @@ impl SourceMigration {
                         transfer_rate,
                     });
                 }
-                if dirty_bytes > 0 && dirty_bytes >= self.pass.last_dirty_bytes {
+                // Stalled: no harvest has improved on the smallest dirty set seen by 10 %.
+                let improved = (dirty_bytes as f64) < self.pass.best_dirty_bytes as f64 * 0.9;
+                if improved || self.pass.best_dirty_bytes == 0 {
+                    self.pass.best_dirty_bytes = dirty_bytes;
+                }
+                if dirty_bytes > 0 && !improved {
                     self.stalled_harvests += 1;
                     if self.stalled_harvests == live.stalled_harvests_max && !self.converged {
-                        self.events.push_back(SourceEvent::NotConverging {
-                            dirty_bytes,
-                            dirty_rate,
-                            transfer_rate,
-                        });
+                        match live.mode {
+                            LiveMode::Background => {
+                                self.events.push_back(SourceEvent::NotConverging {
+                                    dirty_bytes,
+                                    dirty_rate,
+                                    transfer_rate,
+                                });
+                            }
+                            LiveMode::Auto => {
+                                self.escalate(dirty_bytes, dirty_rate, transfer_rate);
+                            }
+                        }
                     }
                 } else {
                     self.stalled_harvests = 0;
@@ -874,6 +929,37 @@ impl SourceMigration {
             self.harvest_at = Some(now + live.harvest_interval);
         }
         self.maybe_finish_pass();
+    }
+
+    /// `Auto`: limits guest writes to half the measured transfer rate, or halves the limit in
+    /// force; the dirty set then shrinks by at least the other half each pass.
+    fn escalate(&mut self, dirty_bytes: u64, dirty_rate: f64, transfer_rate: f64) {
+        /// Below this a guest is practically stopped; the limit does not go lower.
+        const THROTTLE_MIN: u64 = 1 << 20;
+        let limit = if self.throttle_bytes_per_s == 0 {
+            (transfer_rate / 2.0) as u64
+        } else {
+            self.throttle_bytes_per_s / 2
+        }
+        .max(THROTTLE_MIN);
+        let reason = if self.throttle_bytes_per_s == 0 {
+            format!(
+                "dirty set stopped shrinking for {} harvests: guest writes limited to half the transfer rate",
+                self.stalled_harvests
+            )
+        } else {
+            "dirty set still not shrinking: guest write limit halved".to_string()
+        };
+        self.throttle_bytes_per_s = limit;
+        self.stalled_harvests = 0;
+        self.pass.best_dirty_bytes = 0;
+        self.events.push_back(SourceEvent::ModeChanged {
+            throttle_bytes_per_s: limit,
+            reason,
+            dirty_bytes,
+            dirty_rate,
+            transfer_rate,
+        });
     }
 
     /// True once the live migration reported `Converged`.

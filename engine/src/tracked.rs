@@ -10,12 +10,14 @@ use std::sync::Arc;
 use tern_blockdev::{BlockDevice, BlockError, Callback, Completion, IoBuf, IoOp};
 
 use crate::bitmap::DirtyBitmap;
+use crate::throttle::Throttle;
 
 /// A block device whose writes are tracked. Cheap to clone; clones share the bitmap.
 #[derive(Clone, Debug)]
 pub struct TrackedDisk {
     device: BlockDevice,
     bitmap: Arc<DirtyBitmap>,
+    throttle: Arc<Throttle>,
 }
 
 impl TrackedDisk {
@@ -23,7 +25,11 @@ impl TrackedDisk {
     /// or `None` if the granularity is not a power of two between 4 KiB and 1 MiB.
     pub fn new(device: BlockDevice, granularity: u32) -> Option<Self> {
         let bitmap = Arc::new(DirtyBitmap::new(device.size(), granularity)?);
-        Some(Self { device, bitmap })
+        Some(Self {
+            device,
+            bitmap,
+            throttle: Arc::new(Throttle::new()),
+        })
     }
 
     /// The device underneath (the migration reads it).
@@ -34,6 +40,11 @@ impl TrackedDisk {
     /// The dirty bitmap (the migration harvests it).
     pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
         &self.bitmap
+    }
+
+    /// The write throttle (unlimited unless a migration in `auto` mode had to slow the guest).
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     /// Size in bytes.
@@ -53,6 +64,10 @@ impl TrackedDisk {
         match mark {
             None => self.device.submit(op, done),
             Some((offset, len)) => {
+                if matches!(op, IoOp::Write { .. }) {
+                    // Throttled writes wait here, in the caller's thread, before the disk.
+                    self.throttle.acquire(len);
+                }
                 let bitmap = self.bitmap.clone();
                 self.device.submit(
                     op,

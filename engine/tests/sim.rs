@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use tern_engine::bitmap::DirtyBitmap;
 use tern_engine::digest::digest;
-use tern_engine::source::LiveConfig;
 use tern_engine::source::ReadRequest;
+use tern_engine::source::{LiveConfig, LiveMode};
 use tern_engine::{
     MigrationError, SourceConfig, SourceDisk, SourceEvent, SourceMigration, TargetEvent, TargetIo,
     TargetMigration, Transmit, VerifyMode,
@@ -141,6 +141,11 @@ impl World {
                 max_downtime: Duration::from_millis(rng.random_range(1..100)),
                 harvest_interval: Duration::from_millis(1),
                 stalled_harvests_max: 4,
+                mode: if rng.random() {
+                    LiveMode::Auto
+                } else {
+                    LiveMode::Background
+                },
             }),
         };
         let bitmaps = source_disks

@@ -43,3 +43,43 @@ fn a_migration_without_a_guest_switches_over_after_the_bulk_pass() {
     assert_eq!(summary["target_matches_source"], true, "{summary}");
     assert_eq!(summary["guest_writes"], 0, "{summary}");
 }
+
+#[test]
+fn auto_throttles_a_guest_faster_than_the_link_and_converges() {
+    let summary = demo(&[
+        "--size",
+        "96M",
+        "--unpaced",
+        "--queue-depth",
+        "8",
+        "--mode",
+        "auto",
+    ]);
+    assert_eq!(summary["target_matches_source"], true, "{summary}");
+    assert!(summary["mode_changes"].as_u64().unwrap() >= 1, "{summary}");
+}
+
+#[test]
+fn background_reports_that_a_fast_guest_does_not_converge() {
+    let output = tern()
+        .args([
+            "demo",
+            "--size",
+            "96M",
+            "--unpaced",
+            "--queue-depth",
+            "8",
+            "--mode",
+            "background",
+        ])
+        .output()
+        .expect("spawn tern demo");
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not converging") && stderr.contains("MiB/s"),
+        "no report with numbers: {stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("target equals source"), "{stdout}");
+}

@@ -19,6 +19,7 @@ use crate::error::MigrationError;
 use crate::source::{
     SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, Transmit,
 };
+use crate::throttle::Throttle;
 
 /// zstd level for data frames: level 1 gives most of the ratio at ~0.4 GB/s per core.
 const ZSTD_LEVEL: i32 = 1;
@@ -45,6 +46,9 @@ pub struct LiveHooks {
     pub commands: mpsc::UnboundedReceiver<Command>,
     /// Every event of the machine, as it happens.
     pub events: mpsc::UnboundedSender<SourceEvent>,
+    /// One write throttle per disk (in disk order), set by `ModeChanged` events and lifted
+    /// when the migration ends.
+    pub throttles: Vec<Arc<Throttle>>,
 }
 
 /// A command to a running live migration.
@@ -95,7 +99,7 @@ pub async fn run_source(
     live: Option<LiveHooks>,
 ) -> Result<SourceReport, MigrationError> {
     let started = Instant::now();
-    let (bitmaps, mut commands, events) = match live {
+    let (bitmaps, mut commands, events, throttles) = match live {
         Some(hooks) => {
             assert_eq!(hooks.bitmaps.len(), disks.len(), "one bitmap per disk");
             for bitmap in &hooks.bitmaps {
@@ -104,9 +108,14 @@ pub async fn run_source(
                 // complete from now on are marked and re-sent (I2).
                 bitmap.harvest();
             }
-            (hooks.bitmaps, Some(hooks.commands), Some(hooks.events))
+            (
+                hooks.bitmaps,
+                Some(hooks.commands),
+                Some(hooks.events),
+                hooks.throttles,
+            )
         }
-        None => (Vec::new(), None, None),
+        None => (Vec::new(), None, None, Vec::new()),
     };
     let mut switchover_started: Option<Instant> = None;
     let mut downtime = None;
@@ -213,6 +222,24 @@ pub async fn run_source(
                 SourceEvent::Connected => tracing::info!("target accepted the handshake"),
                 SourceEvent::BulkDone => tracing::info!("bulk pass sent"),
                 SourceEvent::Flushed => tracing::info!("target flushed"),
+                SourceEvent::ModeChanged {
+                    throttle_bytes_per_s,
+                    ref reason,
+                    dirty_bytes,
+                    dirty_rate,
+                    transfer_rate,
+                } => {
+                    tracing::warn!(
+                        throttle_mib_s = throttle_bytes_per_s as f64 / (1 << 20) as f64,
+                        dirty_bytes,
+                        dirty_mib_s = dirty_rate / (1 << 20) as f64,
+                        transfer_mib_s = transfer_rate / (1 << 20) as f64,
+                        "mode changed: {reason}"
+                    );
+                    for throttle in &throttles {
+                        throttle.set_rate(throttle_bytes_per_s);
+                    }
+                }
                 SourceEvent::SwitchedOver { verified } => {
                     downtime = switchover_started.map(|at| at.elapsed());
                     tracing::info!(
@@ -279,6 +306,10 @@ pub async fn run_source(
             Input::TransportFailed(message) => machine.handle_transport_failed(message),
         }
     };
+    // However it ended, the guest is no longer slowed down for the migration's sake.
+    for throttle in &throttles {
+        throttle.set_rate(0);
+    }
     // Flush a pending error frame to the target before closing.
     while let Some(Transmit::Control(message)) = machine.poll_transmit() {
         let _ = control.send(message.encode()).await;
