@@ -244,7 +244,7 @@ pub(crate) fn run(args: &CopyArgs) -> anyhow::Result<CopyResults> {
 }
 
 /// `tern` next to this binary if it is there, else `tern` from PATH.
-fn default_tern() -> PathBuf {
+pub(crate) fn default_tern() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("tern")))

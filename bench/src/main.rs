@@ -2,6 +2,7 @@
 //! invocation, interleaved, and reports medians, ratios and whether the goals are met.
 
 mod copy;
+mod live;
 mod process;
 mod report;
 mod stats;
@@ -25,12 +26,16 @@ enum Command {
     /// Copy one seeded image with `qemu-img convert` → `qemu-nbd` and with `tern migrate`
     /// (compress auto and zstd), interleaved.
     Copy(copy::CopyArgs),
+    /// Live migration with a writing guest (`tern demo`), repeated: storage downtime and the
+    /// guest's achieved write rate.
+    Live(live::LiveArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Copy(args) => run_copy(&args),
+        Command::Live(args) => live::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
