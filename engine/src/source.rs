@@ -76,8 +76,9 @@ pub struct LiveConfig {
 pub enum LiveMode {
     /// Only re-send passes; report `NotConverging` with the numbers and keep going.
     Background,
-    /// Escalate: throttle the guest's writes below the measured transfer rate, halving the
-    /// limit each time the dirty set stalls again. Every change is a `ModeChanged` event.
+    /// Escalate: throttle the guest's writes to a quarter of the measured transfer rate,
+    /// halving the limit each time the dirty set stalls again. Every change is a
+    /// `ModeChanged` event.
     Auto,
 }
 
@@ -97,7 +98,7 @@ impl Default for LiveConfig {
         Self {
             max_downtime: Duration::from_millis(50),
             harvest_interval: Duration::from_millis(5),
-            stalled_harvests_max: 4,
+            stalled_harvests_max: 2,
             mode: LiveMode::Auto,
         }
     }
@@ -931,20 +932,20 @@ impl SourceMigration {
         self.maybe_finish_pass();
     }
 
-    /// `Auto`: limits guest writes to half the measured transfer rate, or halves the limit in
-    /// force; the dirty set then shrinks by at least the other half each pass.
+    /// `Auto`: limits guest writes to a quarter of the measured transfer rate, or halves the
+    /// limit in force; the dirty set then shrinks by most of each pass.
     fn escalate(&mut self, dirty_bytes: u64, dirty_rate: f64, transfer_rate: f64) {
         /// Below this a guest is practically stopped; the limit does not go lower.
         const THROTTLE_MIN: u64 = 1 << 20;
         let limit = if self.throttle_bytes_per_s == 0 {
-            (transfer_rate / 2.0) as u64
+            (transfer_rate / 4.0) as u64
         } else {
             self.throttle_bytes_per_s / 2
         }
         .max(THROTTLE_MIN);
         let reason = if self.throttle_bytes_per_s == 0 {
             format!(
-                "dirty set stopped shrinking for {} harvests: guest writes limited to half the transfer rate",
+                "dirty set stopped shrinking for {} harvests: guest writes limited to a quarter of the transfer rate",
                 self.stalled_harvests
             )
         } else {
