@@ -49,6 +49,9 @@ pub(crate) struct Args {
     /// cannot converge, then (in this demo) pauses the guest and switches over anyway.
     #[arg(long, default_value = "auto")]
     mode: LiveMode,
+    /// Cap the copy's bandwidth on the wire, in MiB/s.
+    #[arg(long)]
+    rate_limit: Option<f64>,
     /// Compression (see `tern migrate --help`).
     #[arg(long = "compress", default_value = "auto")]
     compression: CompressionMode,
@@ -186,6 +189,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let target_identity = Identity::generate("tern-demo-target")?;
 
     let mut options = crate::migrate::options(args.compression, 4, args.verify);
+    options.rate_limit_bytes_per_s = args.rate_limit.map(|mib| (mib * (1 << 20) as f64) as u64);
     options.config.live = Some(LiveConfig {
         max_downtime: Duration::from_millis(args.max_downtime_ms),
         mode: args.mode,

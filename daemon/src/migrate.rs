@@ -45,6 +45,9 @@ pub(crate) struct Args {
     /// Async worker threads; 0 runs the transfer on one thread (see ARCHITECTURE.md).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
+    /// Cap the copy's bandwidth on the wire, in MiB/s (all streams together).
+    #[arg(long)]
+    rate_limit: Option<f64>,
     /// QUIC data streams.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     streams: u16,
@@ -64,7 +67,8 @@ pub(crate) struct Summary {
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::load(&args.identity)
         .with_context(|| format!("load identity from {}", args.identity.display()))?;
-    let options = options(args.compression, args.streams, args.verify);
+    let mut options = options(args.compression, args.streams, args.verify);
+    options.rate_limit_bytes_per_s = args.rate_limit.map(|mib| (mib * (1 << 20) as f64) as u64);
     let runtime = runtime(args.worker_threads)?;
     let disks = open_images(&args.images)?;
     let (summary, _) = runtime.block_on(copy(
@@ -110,6 +114,7 @@ pub(crate) fn options(
             ..SourceConfig::default()
         },
         compression,
+        rate_limit_bytes_per_s: None,
     }
 }
 

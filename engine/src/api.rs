@@ -44,6 +44,8 @@ pub struct MigrationConfig {
     pub verify: VerifyMode,
     /// Reaction to a guest that writes faster than the link (default `Auto`).
     pub mode: LiveMode,
+    /// Cap on the copy's bandwidth on the wire, bytes per second (default none).
+    pub rate_limit_bytes_per_s: Option<u64>,
     /// Chunk size; must equal the `TrackedDisk`s' granularity (default 64 KiB).
     pub chunk_bytes: u32,
     /// Names of the disks sent to the target, in order (default `disk0`, `disk1`, …).
@@ -61,6 +63,7 @@ impl MigrationConfig {
             compression: CompressionMode::Auto,
             verify: VerifyMode::Written,
             mode: LiveMode::Auto,
+            rate_limit_bytes_per_s: None,
             chunk_bytes: crate::bitmap::GRANULARITY_DEFAULT,
             identities: Vec::new(),
         }
@@ -143,6 +146,7 @@ impl Migration {
                 ..SourceConfig::default()
             },
             compression: config.compression,
+            rate_limit_bytes_per_s: config.rate_limit_bytes_per_s,
         };
         let hooks = LiveHooks {
             bitmaps: disks.iter().map(|d| d.bitmap().clone()).collect(),

@@ -34,6 +34,9 @@ pub struct SourceOptions {
     pub config: SourceConfig,
     /// When to compress.
     pub compression: CompressionMode,
+    /// Cap on the bytes per second the copy puts on the wire (all data streams together);
+    /// `None` for no cap.
+    pub rate_limit_bytes_per_s: Option<u64>,
 }
 
 /// What a live migration adds to a copy: the dirty bitmaps guest writes mark, commands from
@@ -144,6 +147,9 @@ pub async fn run_source(
     ));
 
     let frames_compressed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // One bucket shared by all data streams, so the cap holds for the connection.
+    let rate_limit = Arc::new(Throttle::new());
+    rate_limit.set_rate(options.rate_limit_bytes_per_s.unwrap_or(0));
     let mut data_tx = Vec::new();
     let mut writers = Vec::new();
     for _ in 0..options.config.data_streams {
@@ -156,6 +162,7 @@ pub async fn run_source(
             CompressionPolicy::new(options.compression),
             input_tx.clone(),
             frames_compressed.clone(),
+            rate_limit.clone(),
         )));
     }
 
@@ -368,6 +375,7 @@ async fn write_data(
     mut policy: CompressionPolicy,
     failed: mpsc::UnboundedSender<Input>,
     frames_compressed: Arc<std::sync::atomic::AtomicU64>,
+    rate_limit: Arc<Throttle>,
 ) {
     let mut encoder = Encoder::new();
     while let Some(transmit) = rx.recv().await {
@@ -401,6 +409,11 @@ async fn write_data(
             } => (encode_zero(disk, chunk, chunk_count, generation), 0),
             Transmit::Control(_) => unreachable!("control goes on the control stream"),
         };
+        // The operator's bandwidth cap: wait for the frame's bytes (a timer, not a lock).
+        let wait = rate_limit.reserve(frame.wire_len() as u64, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         if let Err(e) = writer.send(frame).await {
             let _ = failed.send(Input::TransportFailed(e.to_string()));
             return;
