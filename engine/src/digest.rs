@@ -21,6 +21,13 @@ pub fn zero_digest(len: usize) -> u128 {
     ZEROS.with(|zeros| digest(&zeros[..len]))
 }
 
+/// The summary of a per-chunk digest table: xxh3-128 of the digests' little-endian bytes, in
+/// order (both sides compute it the same way).
+pub fn summary(digests: impl Iterator<Item = u128>) -> u128 {
+    let bytes: Vec<u8> = digests.flat_map(u128::to_le_bytes).collect();
+    digest(&bytes)
+}
+
 /// True when every byte is zero. Written as an OR-fold over words so the compiler vectorises
 /// it; it reads the whole slice, which for data that is mostly non-zero costs the same as an
 /// early-exit loop and for zero chunks is the point.

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use tern_transport::control::{FEATURES_REQUIRED, FEATURES_SUPPORTED};
 use tern_transport::{Control, DiskInfo, ErrorCode, Hello, PROTOCOL_VERSION};
 
-use crate::digest::{digest, is_zero, zero_digest};
+use crate::digest::{digest, is_zero, summary, zero_digest};
 
 /// Bytes per bulk read (the "block" of the bulk cursor): large reads keep the disk streaming,
 /// and a block is split into frames per run of zero and non-zero chunks.
@@ -627,13 +627,13 @@ impl SourceMigration {
                         if chunks == 0 {
                             continue;
                         }
-                        self.push_transmit(Transmit::Control(Control::DigestRequest {
-                            disk: disk as u32,
-                            block_bytes: self.config.chunk_bytes,
-                            block: 0,
-                            block_count: chunks,
-                            read_back: self.config.verify == VerifyMode::ReadBack,
-                        }));
+                        let request = if self.config.verify == VerifyMode::Written {
+                            // One round trip for the whole table; per chunk only on mismatch.
+                            Control::DigestSummaryRequest { disk: disk as u32 }
+                        } else {
+                            self.digest_request(disk as u32)
+                        };
+                        self.push_transmit(Transmit::Control(request));
                     }
                     self.maybe_finish_verify();
                 } else {
@@ -648,6 +648,28 @@ impl SourceMigration {
                     digests,
                 },
             ) => self.handle_digests(disk, block, &digests),
+            (Phase::Verify, Control::DigestSummary { disk, digest }) => {
+                let Some(state) = self.disks.get_mut(disk as usize) else {
+                    return self.fail(
+                        MigrationError::Protocol(format!("digest summary for unknown disk {disk}")),
+                        true,
+                    );
+                };
+                let ours = summary(
+                    state
+                        .digests
+                        .iter()
+                        .map(|d| d.expect("every chunk was digested in bulk")),
+                );
+                if ours == digest {
+                    state.verified_chunks = state.chunks();
+                    self.maybe_finish_verify();
+                } else {
+                    // Find and name the differing chunks.
+                    let request = self.digest_request(disk);
+                    self.push_transmit(Transmit::Control(request));
+                }
+            }
             (Phase::Complete, Control::CompleteDone) => {
                 self.set_phase(Phase::Done);
                 let verified = self.config.verify != VerifyMode::Off;
@@ -930,6 +952,16 @@ impl SourceMigration {
             self.harvest_at = Some(now + live.harvest_interval);
         }
         self.maybe_finish_pass();
+    }
+
+    fn digest_request(&self, disk: u32) -> Control {
+        Control::DigestRequest {
+            disk,
+            block_bytes: self.config.chunk_bytes,
+            block: 0,
+            block_count: self.disks[disk as usize].chunks(),
+            read_back: self.config.verify == VerifyMode::ReadBack,
+        }
     }
 
     /// `Auto`: limits guest writes to a quarter of the measured transfer rate, or halves the
@@ -1222,5 +1254,7 @@ pub(crate) fn message_name(message: &Control) -> &'static str {
         Control::Complete => "Complete",
         Control::CompleteDone => "CompleteDone",
         Control::Error { .. } => "Error",
+        Control::DigestSummaryRequest { .. } => "DigestSummaryRequest",
+        Control::DigestSummary { .. } => "DigestSummary",
     }
 }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tern_transport::control::{DIGESTS_PER_MESSAGE, FEATURES_REQUIRED, FEATURES_SUPPORTED};
 use tern_transport::{Control, ErrorCode, Frame, Hello, PROTOCOL_VERSION, Welcome};
 
-use crate::digest::{digest, zero_digest};
+use crate::digest::{digest, summary, zero_digest};
 use crate::error::MigrationError;
 use crate::source::message_name;
 
@@ -376,6 +376,14 @@ impl TargetMigration {
                 // One batch per message, issued in order; the next batch starts when this one
                 // completes (see `handle_digests_done`).
                 self.start_digest(disk, block_bytes, block, block + block_count);
+            }
+            Control::DigestSummaryRequest { disk } => {
+                let Some(state) = self.disks.get(disk as usize) else {
+                    return self.protocol_error(format!("digest summary for unknown disk {disk}"));
+                };
+                let digest = summary(state.digest.iter().copied());
+                self.transmit
+                    .push_back(Control::DigestSummary { disk, digest });
             }
             Control::Complete => {
                 if self.writes_in_flight > 0 || !self.deferred.is_empty() {

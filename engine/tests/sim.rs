@@ -656,3 +656,67 @@ fn a_frame_outside_the_disk_fails_the_migration_and_writes_nothing() {
         ));
     }
 }
+
+/// A target whose written digests differ: the summary mismatch makes the source ask per
+/// chunk, and the failure names the differing chunk's byte range.
+#[test]
+fn a_digest_mismatch_names_the_byte_range() {
+    let chunk = 4096u64;
+    let size = 3 * chunk;
+    let config = SourceConfig {
+        chunk_bytes: chunk as u32,
+        data_streams: 1,
+        ..SourceConfig::default()
+    };
+    let mut source = SourceMigration::new(
+        config,
+        vec![SourceDisk {
+            size,
+            identity: "d".into(),
+            allocated: std::iter::once(0..size).collect(),
+        }],
+    );
+    let mut sent = Vec::new();
+    let drain = |source: &mut SourceMigration, sent: &mut Vec<Control>| {
+        while let Some(t) = source.poll_transmit() {
+            if let Transmit::Control(c) = t {
+                sent.push(c);
+            }
+        }
+    };
+    drain(&mut source, &mut sent);
+    source.handle_control(Control::Welcome(tern_transport::Welcome {
+        version: tern_transport::PROTOCOL_VERSION,
+        features: tern_transport::control::FEATURES_SUPPORTED,
+    }));
+    drain(&mut source, &mut sent);
+    let read = source.poll_io().expect("one read");
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
+    source.handle_read_done(read.token, Bytes::from(data.clone()));
+    drain(&mut source, &mut sent);
+    let Some(Control::Barrier { id, .. }) = sent.last().cloned() else {
+        panic!("expected a barrier, sent {sent:?}")
+    };
+    source.handle_control(Control::BarrierDone { id });
+    drain(&mut source, &mut sent);
+    assert_eq!(sent.last(), Some(&Control::DigestSummaryRequest { disk: 0 }));
+    source.handle_control(Control::DigestSummary { disk: 0, digest: 1 });
+    drain(&mut source, &mut sent);
+    assert!(matches!(sent.last(), Some(Control::DigestRequest { block_count: 3, .. })));
+    let mut digests: Vec<u128> = data.chunks(chunk as usize).map(digest).collect();
+    digests[1] ^= 1;
+    source.handle_control(Control::Digests {
+        disk: 0,
+        block: 0,
+        digests,
+    });
+    let events: Vec<SourceEvent> = std::iter::from_fn(|| source.poll_event()).collect();
+    assert!(
+        events.contains(&SourceEvent::Failed(MigrationError::VerifyMismatch {
+            disk: 0,
+            start: chunk,
+            end: 2 * chunk,
+        })),
+        "{events:?}"
+    );
+}

@@ -227,10 +227,18 @@ fn a_rate_limit_caps_the_copy_bandwidth() {
     let source = dir.path().join("src.img");
     let target = dir.path().join("dst.img");
     gen_image(&source, "24M", "random=100");
-    let summary = migrate(&keys, &source, &target, &["--rate-limit", "32", "--compress", "off"]);
+    let summary = migrate(
+        &keys,
+        &source,
+        &target,
+        &["--rate-limit", "32", "--compress", "off"],
+    );
     assert_eq!(summary["verified"], true);
     assert_same_file(&source, &target);
     // 24 MiB of random data at 32 MiB/s takes at least ~0.75 s (minus one 10 ms burst).
     let seconds = summary["duration_s"].as_f64().unwrap();
-    assert!(seconds >= 0.6, "24 MiB at a 32 MiB/s cap took only {seconds} s");
+    assert!(
+        seconds >= 0.6,
+        "24 MiB at a 32 MiB/s cap took only {seconds} s"
+    );
 }

@@ -131,6 +131,20 @@ pub enum Control {
         /// Human-readable reason.
         message: String,
     },
+    /// Source → target: one digest over the whole per-chunk table of what the target wrote
+    /// to `disk` (xxh3-128 of the little-endian chunk digests, in chunk order). A match
+    /// verifies every chunk in one round trip; on a mismatch the source asks per chunk.
+    DigestSummaryRequest {
+        /// Disk index.
+        disk: u32,
+    },
+    /// Target → source: the answer to `DigestSummaryRequest`.
+    DigestSummary {
+        /// Disk index.
+        disk: u32,
+        /// The summary digest.
+        digest: u128,
+    },
 }
 
 impl Control {
