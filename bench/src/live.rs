@@ -22,6 +22,9 @@ pub(crate) struct LiveArgs {
     /// The paced guest's write rate, MiB/s (queue depth 1).
     #[arg(long, default_value_t = 32.0)]
     rate: f64,
+    /// Storage downtime budget passed to `tern demo` (the engine's default is 50 ms).
+    #[arg(long, default_value_t = 50)]
+    max_downtime_ms: u64,
     /// Work directory (not tmpfs: the disks use O_DIRECT).
     #[arg(long, default_value = "tern-bench-work")]
     dir: PathBuf,
@@ -89,6 +92,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<()> {
                 .args(["demo", "--json", "--size", &args.size])
                 .args(["--rate", &args.rate.to_string()])
                 .args(["--queue-depth", &case.queue_depth.to_string()])
+                .args(["--max-downtime-ms", &args.max_downtime_ms.to_string()])
                 .arg("--dir")
                 .arg(&args.dir);
             if case.unpaced {
@@ -134,9 +138,10 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<()> {
         result.resent_mib = field(&result.runs, "bytes_resent", 1.0 / (1 << 20) as f64);
     }
     let mut report = format!(
-        "# tern-bench live: {} image, {} runs per case, page cache {}\n\n",
+        "# tern-bench live: {} image, {} runs per case, downtime budget {} ms, page cache {}\n\n",
         args.size,
         args.runs,
+        args.max_downtime_ms,
         if dropped {
             "dropped before every run"
         } else {

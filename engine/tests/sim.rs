@@ -699,10 +699,16 @@ fn a_digest_mismatch_names_the_byte_range() {
     };
     source.handle_control(Control::BarrierDone { id });
     drain(&mut source, &mut sent);
-    assert_eq!(sent.last(), Some(&Control::DigestSummaryRequest { disk: 0 }));
+    assert_eq!(
+        sent.last(),
+        Some(&Control::DigestSummaryRequest { disk: 0 })
+    );
     source.handle_control(Control::DigestSummary { disk: 0, digest: 1 });
     drain(&mut source, &mut sent);
-    assert!(matches!(sent.last(), Some(Control::DigestRequest { block_count: 3, .. })));
+    assert!(matches!(
+        sent.last(),
+        Some(Control::DigestRequest { block_count: 3, .. })
+    ));
     let mut digests: Vec<u128> = data.chunks(chunk as usize).map(digest).collect();
     digests[1] ^= 1;
     source.handle_control(Control::Digests {
