@@ -156,6 +156,20 @@ impl Guest {
     }
 }
 
+/// Pauses the guest, if there is one (as a VMM pauses its vCPUs and drains their IO), and
+/// returns its bytes and writes so far and when it was paused.
+async fn pause(
+    guest: Option<Guest>,
+    started: Instant,
+) -> anyhow::Result<Option<(u64, u64, Duration)>> {
+    let Some(guest) = guest else {
+        return Ok(None);
+    };
+    let paused_at = started.elapsed();
+    let (bytes, writes) = tokio::task::spawn_blocking(move || guest.pause()).await??;
+    Ok(Some((bytes, writes, paused_at)))
+}
+
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let temp;
     let dir = match &args.dir {
@@ -267,11 +281,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                     }
                     SourceEvent::Converged { .. } if converged_at.is_none() => {
                         converged_at = Some(started.elapsed());
-                        if let Some(guest) = guest.take() {
-                            let paused_at = started.elapsed();
-                            let (bytes, writes) =
-                                tokio::task::spawn_blocking(move || guest.pause()).await??;
-                            guest_result = (bytes, writes, paused_at);
+                        if let Some(paused) = pause(guest.take(), started).await? {
+                            guest_result = paused;
                         }
                         let _ = command_tx.send(Command::Switchover);
                     }
@@ -289,21 +300,16 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                             transfer_rate / (1 << 20) as f64
                         );
                         converged_at = Some(started.elapsed());
-                        if let Some(guest) = guest.take() {
-                            let paused_at = started.elapsed();
-                            let (bytes, writes) =
-                                tokio::task::spawn_blocking(move || guest.pause()).await??;
-                            guest_result = (bytes, writes, paused_at);
+                        if let Some(paused) = pause(guest.take(), started).await? {
+                            guest_result = paused;
                         }
                         let _ = command_tx.send(Command::Switchover);
                     }
                     _ => {}
                 }
             }
-            if let Some(guest) = guest.take() {
-                let paused_at = started.elapsed();
-                let (bytes, writes) = tokio::task::spawn_blocking(move || guest.pause()).await??;
-                guest_result = (bytes, writes, paused_at);
+            if let Some(paused) = pause(guest.take(), started).await? {
+                guest_result = paused;
             }
             anyhow::Ok((converged_at, guest_result, mode_changes))
         });

@@ -26,3 +26,29 @@ pub(crate) fn describe_failure(
         None => error.to_string(),
     }
 }
+
+/// Reads control messages from the peer's control stream into the driver's input channel,
+/// until the stream ends or fails; the last input is then a failure (`failed`).
+pub(crate) async fn read_control<I>(
+    connection: tern_transport::quinn::Connection,
+    mut reader: tern_transport::FrameReader,
+    tx: tokio::sync::mpsc::UnboundedSender<I>,
+    message: fn(tern_transport::Control) -> I,
+    failed: fn(String) -> I,
+) {
+    use tern_transport::{Control, Frame};
+    loop {
+        let (input, stop) = match reader.next().await {
+            Ok(Some((Frame::Control(body), _))) => match Control::decode(&body) {
+                Ok(control) => (message(control), false),
+                Err(e) => (failed(format!("bad control message: {e}")), true),
+            },
+            Ok(Some(_)) => (failed("data frame on the control stream".into()), true),
+            Ok(None) => (failed("peer closed the control stream".into()), true),
+            Err(e) => (failed(describe_failure(&connection, &e)), true),
+        };
+        if tx.send(input).is_err() || stop {
+            return;
+        }
+    }
+}

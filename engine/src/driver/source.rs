@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tern_blockdev::{BlockDevice, IoOp};
 use tern_transport::quinn;
-use tern_transport::{Compression, Control, Encoder, Frame, FrameReader, FrameWriter, encode_zero};
+use tern_transport::{Compression, Control, Encoder, FrameReader, FrameWriter, encode_zero};
 use tokio::sync::{mpsc, watch};
 
 use crate::bitmap::DirtyBitmap;
@@ -140,10 +140,12 @@ pub async fn run_source(
     let (control_send, control_recv) = connection.open_bi().await.map_err(|e| transport(&e))?;
     let mut control = FrameWriter::new(control_send);
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
-    tokio::spawn(read_control(
+    tokio::spawn(super::read_control(
         connection.clone(),
         FrameReader::new(control_recv),
         input_tx.clone(),
+        Input::Control,
+        Input::TransportFailed,
     ));
 
     let frames_compressed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -344,28 +346,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-async fn read_control(
-    connection: quinn::Connection,
-    mut reader: FrameReader,
-    tx: mpsc::UnboundedSender<Input>,
-) {
-    loop {
-        let input = match reader.next().await {
-            Ok(Some((Frame::Control(body), _))) => match Control::decode(&body) {
-                Ok(message) => Input::Control(message),
-                Err(e) => Input::TransportFailed(format!("bad control message: {e}")),
-            },
-            Ok(Some(_)) => Input::TransportFailed("data frame on the control stream".into()),
-            Ok(None) => Input::TransportFailed("target closed the control stream".into()),
-            Err(e) => Input::TransportFailed(super::describe_failure(&connection, &e)),
-        };
-        let stop = matches!(input, Input::TransportFailed(_));
-        if tx.send(input).is_err() || stop {
-            return;
-        }
     }
 }
 

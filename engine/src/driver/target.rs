@@ -168,10 +168,12 @@ pub async fn run_target(
 
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
     let (frame_tx, mut frame_rx) = mpsc::channel::<(u16, Frame)>(FRAME_QUEUE);
-    tokio::spawn(read_control(
+    tokio::spawn(super::read_control(
         connection.clone(),
         control_reader,
         input_tx.clone(),
+        Input::Control,
+        Input::TransportFailed,
     ));
     tokio::spawn(accept_data_streams(
         connection.clone(),
@@ -405,28 +407,6 @@ async fn digest_blocks(
         digests[index as usize..index as usize + span.len()].copy_from_slice(&span);
     }
     Ok(digests)
-}
-
-async fn read_control(
-    connection: quinn::Connection,
-    mut reader: FrameReader,
-    tx: mpsc::UnboundedSender<Input>,
-) {
-    loop {
-        let input = match reader.next().await {
-            Ok(Some((Frame::Control(body), _))) => match Control::decode(&body) {
-                Ok(message) => Input::Control(message),
-                Err(e) => Input::TransportFailed(format!("bad control message: {e}")),
-            },
-            Ok(Some(_)) => Input::TransportFailed("data frame on the control stream".into()),
-            Ok(None) => Input::TransportFailed("source closed the control stream".into()),
-            Err(e) => Input::TransportFailed(super::describe_failure(&connection, &e)),
-        };
-        let stop = matches!(input, Input::TransportFailed(_));
-        if tx.send(input).is_err() || stop {
-            return;
-        }
-    }
 }
 
 /// Accepts the announced data streams; each gets a reader task tagged with its index (the
