@@ -115,6 +115,7 @@ pub(crate) fn options(
         },
         compression,
         rate_limit_bytes_per_s: None,
+        shared_rate_limit: None,
     }
 }
 

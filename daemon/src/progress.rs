@@ -7,16 +7,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tern_engine::SourceProgress;
 use tokio::sync::watch;
 
-/// Shows progress from `rx` until the sender is dropped. Returns `None` (shows nothing) when
-/// stderr is not a terminal or `quiet` is set.
-pub(crate) fn spawn(
-    rx: watch::Receiver<SourceProgress>,
-    quiet: bool,
-) -> Option<tokio::task::JoinHandle<()>> {
+/// A byte progress bar on stderr; hidden when stderr is not a terminal or `quiet` is set.
+pub(crate) fn bar(total: u64, quiet: bool) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
-        return None;
+        return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(rx.borrow().bytes_total);
+    let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} {msg:8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
@@ -24,6 +20,19 @@ pub(crate) fn spawn(
         .expect("valid template")
         .progress_chars("=> "),
     );
+    bar
+}
+
+/// Shows progress from `rx` until the sender is dropped. Returns `None` (shows nothing) when
+/// stderr is not a terminal or `quiet` is set.
+pub(crate) fn spawn(
+    rx: watch::Receiver<SourceProgress>,
+    quiet: bool,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let bar = bar(rx.borrow().bytes_total, quiet);
+    if bar.is_hidden() {
+        return None;
+    }
     Some(tokio::spawn(async move {
         let mut rx = rx;
         let mut tick = tokio::time::interval(Duration::from_millis(100));

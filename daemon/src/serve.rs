@@ -4,8 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tern_blockdev::OpenOptions;
+use std::sync::Arc;
+
+use tern_blockdev::{BlockDevice, OpenOptions};
 use tern_engine::driver::serve_one;
+use tern_nbd::proto::errno;
+use tern_nbd::{Export, NbdAddr, NbdServer};
 use tern_transport::{Fingerprint, Identity, TransportTuning, listen};
 
 /// Arguments of `tern serve`.
@@ -14,11 +18,12 @@ pub(crate) struct Args {
     /// Address to listen on (UDP), e.g. 0.0.0.0:4433.
     #[arg(long)]
     listen: SocketAddr,
-    /// Target image: created with the source's size if missing, otherwise its size must
+    /// Target image, as `PATH` or `NAME=PATH` (the name of its NBD export; default the
+    /// file's stem): created with the source's size if missing, otherwise its size must
     /// match. Repeat for several disks, in the source's order. While the migration runs,
     /// `IMAGE.tern-incomplete` exists next to it; it is removed once the copy is verified.
     #[arg(long = "image", required = true)]
-    images: Vec<PathBuf>,
+    images: Vec<String>,
     /// This host's identity directory (from `tern keygen`).
     #[arg(long)]
     identity: PathBuf,
@@ -29,26 +34,95 @@ pub(crate) struct Args {
     /// Async worker threads; 0 runs the transfer on one thread (see ARCHITECTURE.md).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
+    /// Also serve the image(s) over NBD here (`HOST:PORT` or `unix:PATH`; each export is
+    /// named after its image's file stem, the first is also the default export). Clients
+    /// may connect at once (a destination VMM starts before the migration ends): the
+    /// handshake succeeds as soon as the size is known (the image exists, or the source
+    /// said), but every request fails with EPERM until the migration committed. After
+    /// commit the disk is served and `tern serve` keeps running until SIGTERM; after a
+    /// failure or rollback it is never served and `tern serve` exits with the error.
+    #[arg(long)]
+    export_nbd: Option<NbdAddr>,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::load(&args.identity)
         .with_context(|| format!("load identity from {}", args.identity.display()))?;
+    let (names, images): (Vec<String>, Vec<PathBuf>) = args
+        .images
+        .iter()
+        .map(|spec| crate::export::parse_image(spec))
+        .unzip();
     let runtime = crate::migrate::runtime(args.worker_threads)?;
     runtime.block_on(async {
+        let exports: Vec<Arc<Export>> = names
+            .iter()
+            .zip(&images)
+            .map(|(name, path)| {
+                // A regular file's size is known now; a block device's or a missing image's
+                // once the migration committed.
+                let size = std::fs::metadata(path)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len());
+                Export::pending(
+                    name,
+                    size,
+                    "tern: the migration into this disk has not committed; IO opens after commit",
+                )
+            })
+            .collect();
+        let nbd_task = match &args.export_nbd {
+            Some(addr) => {
+                let server = NbdServer::bind(addr, exports.clone())
+                    .await
+                    .with_context(|| format!("listen for NBD on {addr}"))?;
+                tracing::info!(nbd = %server.local_addr(), "NBD export up; IO refused until commit");
+                Some(tokio::spawn(server.run()))
+            }
+            None => None,
+        };
         let endpoint = listen(args.listen, &identity, args.peer, &TransportTuning::default())
             .with_context(|| format!("listen on {}", args.listen))?;
         tracing::info!(listen = %endpoint.local_addr()?, fingerprint = %identity.fingerprint(), "waiting for the source");
-        let result = serve_one(&endpoint, &args.images, &OpenOptions::default()).await;
+        let result = serve_one(&endpoint, &images, &OpenOptions::default()).await;
         // Let the last frames and the close (with its reason) reach the source, bounded.
         endpoint.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
-        let report = result.context("migration failed; the target image is incomplete")?;
+        let report = match result {
+            Ok(report) => report,
+            Err(error) => {
+                for export in &exports {
+                    export.refuse(errno::ESHUTDOWN, "tern: the migration failed; this image is incomplete and is not served");
+                }
+                if let Some(task) = nbd_task {
+                    task.abort();
+                }
+                return Err(error).context("migration failed; the target image is incomplete");
+            }
+        };
         tracing::info!(
             bytes_written = report.bytes_written,
             seconds = report.duration.as_secs_f64(),
             "migration complete"
         );
+        let Some(nbd_task) = nbd_task else {
+            return Ok(());
+        };
+        // Committed: the images are complete (their markers are gone); serve them.
+        let mut devices = Vec::new();
+        for (path, export) in images.iter().zip(&exports) {
+            let device = BlockDevice::open(path, &OpenOptions::default())
+                .with_context(|| format!("open {} for the NBD export", path.display()))?;
+            export.attach(Arc::new(device.clone()));
+            devices.push(device);
+        }
+        tracing::info!("migration committed; serving the disks over NBD until SIGTERM");
+        crate::export::shutdown_signal().await?;
+        nbd_task.abort();
+        for device in &devices {
+            device.flush().await.context("flush at shutdown")?;
+        }
         Ok(())
     })
 }

@@ -25,6 +25,7 @@ use crate::compression::CompressionMode;
 use crate::driver::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
 use crate::error::MigrationError;
 use crate::source::{LiveConfig, LiveMode, SourceConfig, SourceEvent, SourceProgress, VerifyMode};
+use crate::throttle::Throttle;
 use crate::tracked::TrackedDisk;
 
 /// How to migrate.
@@ -50,6 +51,8 @@ pub struct MigrationConfig {
     pub chunk_bytes: u32,
     /// Names of the disks sent to the target, in order (default `disk0`, `disk1`, …).
     pub identities: Vec<String>,
+    /// A bandwidth cap shared with other migrations (a daemon-wide limit; default none).
+    pub shared_rate_limit: Option<Arc<Throttle>>,
 }
 
 impl MigrationConfig {
@@ -66,6 +69,7 @@ impl MigrationConfig {
             rate_limit_bytes_per_s: None,
             chunk_bytes: crate::bitmap::GRANULARITY_DEFAULT,
             identities: Vec::new(),
+            shared_rate_limit: None,
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct Handoff {
     migration: Migration,
     /// Storage downtime: from `switchover` to this handoff.
     pub downtime: Duration,
+    /// Whether digests of the copy were compared and matched (false with `VerifyMode::Off`).
+    pub verified: bool,
 }
 
 impl Migration {
@@ -147,6 +153,7 @@ impl Migration {
             },
             compression: config.compression,
             rate_limit_bytes_per_s: config.rate_limit_bytes_per_s,
+            shared_rate_limit: config.shared_rate_limit.clone(),
         };
         let hooks = LiveHooks {
             bitmaps: disks.iter().map(|d| d.bitmap().clone()).collect(),
@@ -230,6 +237,19 @@ impl Migration {
         self.progress.borrow().clone()
     }
 
+    /// A cloneable view of the counters for a status thread; it stays valid through
+    /// switchover and commit (showing the last counters once the migration ended).
+    pub fn progress_handle(&self) -> ProgressHandle {
+        ProgressHandle(self.progress.clone())
+    }
+
+    /// Takes the event stream, for a thread that forwards it (a daemon's event bus);
+    /// [`Migration::events`] yields nothing afterwards.
+    pub fn take_events(&mut self) -> std::sync::mpsc::Receiver<SourceEvent> {
+        let (_closed, empty) = std::sync::mpsc::channel();
+        std::mem::replace(&mut self.events, empty)
+    }
+
     /// Blocks until storage converged (returns the `Converged` event), reported that it
     /// cannot converge (returns `NotConverging`, so the VMM can decide), failed, or `timeout`
     /// passed (`None`).
@@ -262,16 +282,28 @@ impl Migration {
         if let Some(error) = &state.failed {
             return Err(error.clone());
         }
-        if state.switched_over.is_none() {
+        let Some(SourceEvent::SwitchedOver { verified }) = state.switched_over else {
             return Err(MigrationError::Protocol(
                 "migration ended without a switchover".into(),
             ));
-        }
+        };
         drop(state);
         Ok(Handoff {
             migration: self,
             downtime: started.elapsed(),
+            verified,
         })
+    }
+}
+
+/// A cloneable view of a migration's counters.
+#[derive(Clone, Debug)]
+pub struct ProgressHandle(watch::Receiver<SourceProgress>);
+
+impl ProgressHandle {
+    /// Counters now.
+    pub fn get(&self) -> SourceProgress {
+        self.0.borrow().clone()
     }
 }
 

@@ -27,7 +27,7 @@ pub mod target;
 pub mod throttle;
 pub mod tracked;
 
-pub use api::{Handoff, Migration, MigrationConfig};
+pub use api::{Handoff, Migration, MigrationConfig, ProgressHandle};
 pub use error::MigrationError;
 pub use source::{
     SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, SourceSummary,

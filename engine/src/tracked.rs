@@ -53,7 +53,26 @@ impl TrackedDisk {
     }
 
     /// Submits `op`; writes mark the bitmap once the backend completed them, then `done` runs.
+    /// A throttled write first waits for its tokens here, blocking the calling thread; async
+    /// callers use [`TrackedDisk::reserve_write`] and [`TrackedDisk::submit_reserved`].
     pub fn submit(&self, op: IoOp, done: Callback) {
+        if let IoOp::Write { buf, .. } = &op {
+            // Throttled writes wait here, in the caller's thread, before the disk.
+            self.throttle.acquire(buf.len() as u64);
+        }
+        self.submit_reserved(op, done);
+    }
+
+    /// Reserves throttle tokens for a write of `bytes` and returns how long the caller must
+    /// wait before submitting it with [`TrackedDisk::submit_reserved`] (zero when the guest
+    /// is not throttled). Lets an async server sleep on its runtime instead of a thread.
+    pub fn reserve_write(&self, bytes: u64) -> std::time::Duration {
+        self.throttle.reserve(bytes, std::time::Instant::now())
+    }
+
+    /// Like [`TrackedDisk::submit`], for a write whose throttle wait the caller already
+    /// served (see [`TrackedDisk::reserve_write`]).
+    pub fn submit_reserved(&self, op: IoOp, done: Callback) {
         let mark = match &op {
             IoOp::Write { offset, buf } => Some((*offset, buf.len() as u64)),
             IoOp::Discard { offset, len } | IoOp::WriteZeroes { offset, len } => {
@@ -64,10 +83,6 @@ impl TrackedDisk {
         match mark {
             None => self.device.submit(op, done),
             Some((offset, len)) => {
-                if matches!(op, IoOp::Write { .. }) {
-                    // Throttled writes wait here, in the caller's thread, before the disk.
-                    self.throttle.acquire(len);
-                }
                 let bitmap = self.bitmap.clone();
                 self.device.submit(
                     op,

@@ -24,6 +24,12 @@ pub trait Backend: Send + Sync + 'static {
     fn alloc_buf(&self, len: usize) -> IoBuf;
     /// Submits `op`; `done` runs once it completed.
     fn submit(&self, op: IoOp, done: Callback);
+    /// How long a write of `bytes` must wait before it is submitted (a throttled guest);
+    /// the server sleeps that long on its runtime. Zero by default.
+    fn reserve_write(&self, bytes: u64) -> std::time::Duration {
+        let _ = bytes;
+        std::time::Duration::ZERO
+    }
 }
 
 impl Backend for BlockDevice {
@@ -61,6 +67,7 @@ struct Inner {
     size: Option<u64>,
     backend: Option<Arc<dyn Backend>>,
     in_flight: usize,
+    waiting: usize,
 }
 
 impl std::fmt::Debug for dyn Backend {
@@ -104,6 +111,16 @@ impl Drop for Pass {
     }
 }
 
+/// Counts a request waiting at the gate for as long as it waits (also when the wait is
+/// cancelled because the client went away). Its drop runs after `enter` released the lock.
+struct WaitCount<'a>(&'a Export);
+
+impl Drop for WaitCount<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
+    }
+}
+
 /// A request the gate turned away.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -126,6 +143,7 @@ impl Export {
                 size: Some(size),
                 backend: Some(backend),
                 in_flight: 0,
+                waiting: 0,
             }),
             changed: watch::Sender::new(0),
         })
@@ -151,6 +169,7 @@ impl Export {
                 size,
                 backend: None,
                 in_flight: 0,
+                waiting: 0,
             }),
             changed: watch::Sender::new(0),
         })
@@ -179,6 +198,11 @@ impl Export {
     /// Requests admitted and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.lock().in_flight
+    }
+
+    /// Requests waiting at the gate (the export is held).
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting
     }
 
     /// The size, waiting until it is known (a pending export learns it from the migration).
@@ -212,6 +236,7 @@ impl Export {
     /// Admits one request, waiting while the export is held.
     pub async fn enter(self: &Arc<Self>) -> Result<Pass, Refusal> {
         let mut changes = self.changed.subscribe();
+        let mut waiting: Option<WaitCount<'_>> = None;
         loop {
             {
                 let mut inner = self.lock();
@@ -230,7 +255,12 @@ impl Export {
                             message: message.clone(),
                         });
                     }
-                    (Access::Open, None) | (Access::Held, _) => {}
+                    (Access::Open, None) | (Access::Held, _) => {
+                        if waiting.is_none() {
+                            inner.waiting += 1;
+                            waiting = Some(WaitCount(self));
+                        }
+                    }
                 }
             }
             if changes.changed().await.is_err() {
@@ -306,6 +336,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!holder.is_finished());
         assert_eq!(export.access(), Access::Held);
+        assert_eq!(export.waiting(), 1);
         drop(pass);
         holder.await.unwrap();
         assert!(!waiter.is_finished());

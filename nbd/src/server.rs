@@ -569,6 +569,12 @@ where
                 continue;
             }
         };
+        if request.command == cmd::WRITE {
+            let wait = pass.backend().reserve_write(u64::from(request.length));
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         submit(request, payload, pass, permit, responder);
     };
     drop(reply_tx);

@@ -24,6 +24,15 @@ pub fn tern_bin() -> PathBuf {
             .expect("test binary sits in target/<profile>/deps");
         let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cargo.args(["build", "--quiet", "-p", "tern", "--bin", "tern"]);
+        // `cargo test` sets CARGO_* variables for the test process; some build scripts
+        // track such variables, so passing them on would make this build and the next
+        // `cargo test` rebuild each other's dependencies every time.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+                cargo.env_remove(key.as_ref());
+            }
+        }
         if dir.ends_with("release") {
             cargo.arg("--release");
         }
@@ -79,32 +88,64 @@ pub fn spawn_serve(
     identity: &Path,
     peer: &str,
 ) -> KillOnDrop {
-    use std::io::{BufRead, BufReader};
+    let images: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    spawn_serve_with(listen, &images, identity, peer, &[])
+}
+
+/// Starts `tern serve` with `images` given as `PATH` or `NAME=PATH` and `extra` flags.
+pub fn spawn_serve_with(
+    listen: SocketAddr,
+    images: &[String],
+    identity: &Path,
+    peer: &str,
+    extra: &[&str],
+) -> KillOnDrop {
     let mut command = tern();
     command
         .args(["serve", "--listen", &listen.to_string(), "--identity"])
         .arg(identity)
-        .args(["--peer", peer, "--log", "info"]);
+        .args(["--peer", peer, "--log", "info"])
+        .args(extra);
     for image in images {
         command.arg("--image").arg(image);
     }
+    spawn_until(command, "waiting for the source").0
+}
+
+/// Spawns `command` and waits until a line of its stderr contains `ready`; returns the
+/// child and the lines up to that one. stderr keeps being drained (and echoed to the
+/// test's stderr, shown when a test fails) so the child never blocks on a full pipe.
+pub fn spawn_until(mut command: Command, ready: &str) -> (KillOnDrop, Vec<String>) {
+    use std::io::{BufRead, BufReader};
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn tern serve");
+        .expect("spawn tern");
     let stderr = child.stderr.take().expect("piped stderr");
     let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
     loop {
         match lines.next() {
-            Some(Ok(line)) if line.contains("waiting for the source") => break,
-            Some(Ok(_)) => continue,
-            other => panic!("tern serve ended before listening: {other:?}"),
+            Some(Ok(line)) => {
+                let done = line.contains(ready);
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            other => panic!(
+                "{command:?} ended before {ready:?}: {other:?}\n{}",
+                seen.join("\n")
+            ),
         }
     }
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    KillOnDrop(child)
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
+    (KillOnDrop(child), seen)
 }
 
 /// Bytes allocated on disk for a file.

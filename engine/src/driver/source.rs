@@ -37,6 +37,9 @@ pub struct SourceOptions {
     /// Cap on the bytes per second the copy puts on the wire (all data streams together);
     /// `None` for no cap.
     pub rate_limit_bytes_per_s: Option<u64>,
+    /// A cap shared with other migrations (a daemon's total bandwidth), applied on top of
+    /// `rate_limit_bytes_per_s`; `None` for none.
+    pub shared_rate_limit: Option<Arc<Throttle>>,
 }
 
 /// What a live migration adds to a copy: the dirty bitmaps guest writes mark, commands from
@@ -165,6 +168,7 @@ pub async fn run_source(
             input_tx.clone(),
             frames_compressed.clone(),
             rate_limit.clone(),
+            options.shared_rate_limit.clone(),
         )));
     }
 
@@ -356,6 +360,7 @@ async fn write_data(
     failed: mpsc::UnboundedSender<Input>,
     frames_compressed: Arc<std::sync::atomic::AtomicU64>,
     rate_limit: Arc<Throttle>,
+    shared_rate_limit: Option<Arc<Throttle>>,
 ) {
     let mut encoder = Encoder::new();
     while let Some(transmit) = rx.recv().await {
@@ -390,7 +395,12 @@ async fn write_data(
             Transmit::Control(_) => unreachable!("control goes on the control stream"),
         };
         // The operator's bandwidth cap: wait for the frame's bytes (a timer, not a lock).
-        let wait = rate_limit.reserve(frame.wire_len() as u64, Instant::now());
+        let now = Instant::now();
+        let bytes = frame.wire_len() as u64;
+        let mut wait = rate_limit.reserve(bytes, now);
+        if let Some(shared) = &shared_rate_limit {
+            wait = wait.max(shared.reserve(bytes, now));
+        }
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
