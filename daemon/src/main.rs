@@ -1,6 +1,8 @@
 //! `tern`: the command line and daemon of Tern, a shared-nothing live storage migration
 //! engine. See `tern --help` and README.md.
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod control;
 mod demo;

@@ -17,15 +17,39 @@ use tokio::sync::watch;
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
     /// Source image (raw file or block device); repeat for the several disks of one VM, in the
-    /// order the target lists its images.
-    #[arg(long = "image", required = true)]
+    /// order the target lists its images. Not used with `--control`.
+    #[arg(
+        long = "image",
+        required_unless_present = "control",
+        conflicts_with = "control"
+    )]
     images: Vec<PathBuf>,
+    /// Migrate the disks a running `tern export` serves, through its control socket, while
+    /// its NBD clients keep writing: starts the migration, shows its progress, and at
+    /// convergence switches over (quiescing the NBD clients) and commits. `--identity`
+    /// defaults to the daemon's.
+    #[arg(long, value_name = "SOCKET")]
+    control: Option<PathBuf>,
+    /// With `--control`: the disks to migrate, by name (repeat); default every disk the
+    /// daemon serves that no other migration holds.
+    #[arg(long = "disk", requires = "control")]
+    disks: Vec<String>,
+    /// With `--control`: stop at convergence and leave switchover and commit to the
+    /// operator (`tern ctl SOCKET switchover commit=true`).
+    #[arg(long, requires = "control")]
+    no_switchover: bool,
+    /// With `--control`: `auto` (throttle a guest that outruns the link) or `background`.
+    #[arg(long, requires = "control")]
+    mode: Option<String>,
+    /// With `--control`: the storage downtime budget in milliseconds.
+    #[arg(long, requires = "control")]
+    max_downtime_ms: Option<u64>,
     /// Target address (where `tern serve --listen` runs), e.g. 192.0.2.7:4433.
     #[arg(long)]
     to: SocketAddr,
     /// This host's identity directory (from `tern keygen`).
-    #[arg(long)]
-    identity: PathBuf,
+    #[arg(long, required_unless_present = "control")]
+    identity: Option<PathBuf>,
     /// The target's certificate fingerprint (printed by its `tern keygen`).
     #[arg(long)]
     peer: Fingerprint,
@@ -65,8 +89,36 @@ pub(crate) struct Summary {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let identity = Identity::load(&args.identity)
-        .with_context(|| format!("load identity from {}", args.identity.display()))?;
+    if let Some(socket) = &args.control {
+        let mut arguments = serde_json::json!({
+            "target": args.to.to_string(),
+            "peer": args.peer.to_string(),
+            "compress": args.compression.to_string(),
+            "verify": args.verify.to_string(),
+        });
+        if let Some(identity) = &args.identity {
+            arguments["identity"] = identity.display().to_string().into();
+        }
+        if !args.disks.is_empty() {
+            arguments["disks"] = args.disks.clone().into();
+        }
+        if let Some(mode) = &args.mode {
+            arguments["mode"] = mode.clone().into();
+        }
+        if let Some(ms) = args.max_downtime_ms {
+            arguments["max-downtime-ms"] = ms.into();
+        }
+        if let Some(mib) = args.rate_limit {
+            arguments["rate-limit"] = ((mib * (1 << 20) as f64) as u64).into();
+        }
+        return crate::control::client::migrate(socket, arguments, !args.no_switchover, args.json);
+    }
+    let identity_dir = args
+        .identity
+        .as_ref()
+        .expect("clap requires --identity without --control");
+    let identity = Identity::load(identity_dir)
+        .with_context(|| format!("load identity from {}", identity_dir.display()))?;
     let mut options = options(args.compression, args.streams, args.verify);
     options.rate_limit_bytes_per_s = args.rate_limit.map(|mib| (mib * (1 << 20) as f64) as u64);
     let runtime = runtime(args.worker_threads)?;

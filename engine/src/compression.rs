@@ -36,6 +36,16 @@ impl std::str::FromStr for CompressionMode {
     }
 }
 
+impl std::fmt::Display for CompressionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Zstd => "zstd",
+            Self::Auto => "auto",
+        })
+    }
+}
+
 /// Frames per measurement window in `Auto`.
 const WINDOW_FRAMES: u32 = 32;
 /// In `Auto`, windows spent in the faster mode before the other is measured again.

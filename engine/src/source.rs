@@ -134,6 +134,16 @@ pub enum VerifyMode {
     ReadBack,
 }
 
+impl std::fmt::Display for VerifyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Written => "written",
+            Self::ReadBack => "read-back",
+        })
+    }
+}
+
 impl std::str::FromStr for VerifyMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

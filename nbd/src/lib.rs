@@ -12,6 +12,8 @@
 //! `FLUSH`, `TRIM`, `WRITE_ZEROES`, `DISC`; several concurrent connections (`CAN_MULTI_CONN`:
 //! all connections share one file, so a flush on any covers writes completed on all).
 
+#![forbid(unsafe_code)]
+
 pub mod export;
 pub mod proto;
 pub mod server;

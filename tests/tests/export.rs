@@ -53,9 +53,14 @@ impl Setup {
     /// `tern export` of `images` (NAME=PATH) on a Unix NBD socket; returns the child and
     /// the metrics address.
     fn export(&self, images: &[(&str, &Path)]) -> (KillOnDrop, String) {
+        self.export_with(images, &[])
+    }
+
+    fn export_with(&self, images: &[(&str, &Path)], extra: &[&str]) -> (KillOnDrop, String) {
         let mut command = tern();
+        command.arg("export").args(extra);
         command
-            .args(["export", "--log", "info", "--nbd"])
+            .args(["--log", "info", "--nbd"])
             .arg(format!("unix:{}", self.path("src.nbd").display()))
             .arg("--control")
             .arg(self.path("ctl.sock"))
@@ -78,11 +83,20 @@ impl Setup {
     }
 
     fn serve(&self, listen: std::net::SocketAddr, images: &[(&str, &Path)]) -> KillOnDrop {
+        self.serve_on(listen, images, "dst.nbd")
+    }
+
+    fn serve_on(
+        &self,
+        listen: std::net::SocketAddr,
+        images: &[(&str, &Path)],
+        nbd: &str,
+    ) -> KillOnDrop {
         let images: Vec<String> = images
             .iter()
             .map(|(n, p)| format!("{n}={}", p.display()))
             .collect();
-        let nbd = format!("unix:{}", self.path("dst.nbd").display());
+        let nbd = format!("unix:{}", self.path(nbd).display());
         spawn_serve_with(
             listen,
             &images,
@@ -416,4 +430,79 @@ fn the_control_api_answers_bad_commands_with_json_errors_and_keeps_the_connectio
         String::from_utf8_lossy(&output.stderr).contains("WrongState"),
         "{output:?}"
     );
+}
+
+#[test]
+fn one_daemon_runs_two_migrations_at_once_within_its_limit_and_tern_migrate_drives_a_third() {
+    let s = Setup::new();
+    let imgs: Vec<PathBuf> = (0..3)
+        .map(|i| s.image(&format!("{i}.img"), "8M", 10 + i))
+        .collect();
+    let dsts: Vec<PathBuf> = (0..3).map(|i| s.path(&format!("{i}-dst.img"))).collect();
+    let listens: Vec<_> = (0..3).map(|_| free_udp_addr()).collect();
+    let _serves: Vec<KillOnDrop> = (0..3)
+        .map(|i| s.serve_on(listens[i], &[("d", &dsts[i])], &format!("dst{i}.nbd")))
+        .collect();
+    let names = ["a", "b", "c"];
+    let images: Vec<(&str, &Path)> = names
+        .iter()
+        .copied()
+        .zip(imgs.iter().map(PathBuf::as_path))
+        .collect();
+    let (_export, _) = s.export_with(&images, &["--max-migrations", "2", "--bandwidth", "1G"]);
+    let peer = format!("peer={}", s.dst_fp);
+    for (i, disk) in ["a", "b"].iter().enumerate() {
+        s.ctl(&[
+            "migrate",
+            &format!("target={}", listens[i]),
+            &peer,
+            &format!("disks={disk}"),
+        ]);
+    }
+    // Both hold their disks until switchover; a third is over the limit.
+    let status = s.ctl(&["query-status"]);
+    assert_eq!(status["disks"][0]["migration"], "m1", "{status}");
+    assert_eq!(status["disks"][1]["migration"], "m2", "{status}");
+    let refused = tern()
+        .arg("ctl")
+        .arg(s.path("ctl.sock"))
+        .args([
+            "migrate",
+            &format!("target={}", listens[2]),
+            &peer,
+            "disks=c",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("limit is 2"),
+        "{refused:?}"
+    );
+    qemu_io_ok(&s.src_uri("b"), &["write -P 0x3b 2m 1m"]);
+    for id in ["m2", "m1"] {
+        let done = s.ctl(&["switchover", &format!("migration={id}"), "commit=true"]);
+        assert_eq!(done["verified"], true, "{done}");
+    }
+    // The third disk through `tern migrate --control`, which switches over by itself.
+    let output = tern()
+        .args(["migrate", "--json", "--control"])
+        .arg(s.path("ctl.sock"))
+        .args([
+            "--to",
+            &listens[2].to_string(),
+            "--peer",
+            &s.dst_fp,
+            "--disk",
+            "c",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["verified"], true, "{report}");
+    for i in 0..3 {
+        let files = compare(imgs[i].to_str().unwrap(), dsts[i].to_str().unwrap());
+        assert!(files.status.success(), "disk {i}: {files:?}");
+    }
 }

@@ -286,3 +286,70 @@ fn print_status(status: &Value) {
         );
     }
 }
+
+/// `tern migrate --control`: starts a migration in a `tern export` daemon and follows it;
+/// with `switchover`, switches over and commits at convergence.
+pub(crate) fn migrate(
+    socket: &Path,
+    arguments: Value,
+    switchover: bool,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let mut client = Client::connect(socket)?;
+    let started = client.execute("migrate", arguments)?;
+    let id = started["migration"].clone();
+    let mut bar = None;
+    if !json_out {
+        eprintln!("migration {} started", id.as_str().unwrap_or("?"));
+        bar = Some(crate::progress::bar(0, false));
+    }
+    while let Some(event) = client.next_event()? {
+        let data = &event["data"];
+        if data["migration"] != id {
+            continue;
+        }
+        match event["event"].as_str().unwrap_or_default() {
+            "progress" => {
+                if let Some(bar) = &bar {
+                    bar.set_length(data["bytes-total"].as_u64().unwrap_or(0));
+                    bar.set_position(data["bytes-done"].as_u64().unwrap_or(0));
+                    bar.set_message(data["phase"].as_str().unwrap_or("").to_owned());
+                }
+            }
+            "converged" => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                if !switchover {
+                    println!(
+                        "{}",
+                        if json_out {
+                            event.to_string()
+                        } else {
+                            format!("converged: {data}")
+                        }
+                    );
+                    return Ok(());
+                }
+                let done =
+                    client.execute("switchover", json!({ "migration": id, "commit": true }))?;
+                if json_out {
+                    println!("{done}");
+                } else {
+                    println!(
+                        "committed: downtime {:.1} ms, verified {}, {} MiB on the wire, {} passes",
+                        done["downtime-ms"].as_f64().unwrap_or(0.0),
+                        done["verified"],
+                        done["bytes-wire"].as_u64().unwrap_or(0) >> 20,
+                        done["passes"],
+                    );
+                }
+                return Ok(());
+            }
+            "failed" => bail!("migration failed: {}", data["error"]),
+            "cancelled" | "rolled-back" => bail!("migration {}", event["event"]),
+            _ => {}
+        }
+    }
+    bail!("the daemon closed the connection")
+}
