@@ -13,8 +13,10 @@ mod keygen;
 mod metrics;
 mod migrate;
 mod progress;
+mod qmp;
 mod serve;
 mod size;
+mod vm;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -61,6 +63,9 @@ enum Command {
     Ctl(control::client::CtlArgs),
     /// Show a `tern export` daemon's disks and migrations, following the running one live.
     Status(control::client::StatusArgs),
+    /// Migrate a running QEMU VM: its disks with Tern (through `tern export`), its memory
+    /// with QEMU, switching both over in one pause.
+    VmMigrate(vm::Args),
     /// Run a complete migration on loopback (target and source in one process) and check it.
     Demo(demo::Args),
     /// Write a test image with a seeded mix of random, zero and text-like 1 MiB extents.
@@ -84,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Command::Export(args) => export::run(args),
         Command::Ctl(args) => control::client::ctl(args),
         Command::Status(args) => control::client::status(args),
+        Command::VmMigrate(args) => vm::run(args),
         Command::Demo(args) => demo::run(args),
         Command::GenImage(args) => gen_image::run(args),
     };

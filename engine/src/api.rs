@@ -80,6 +80,9 @@ struct State {
     converged: Option<SourceEvent>,
     switched_over: Option<SourceEvent>,
     failed: Option<MigrationError>,
+    /// The engine's result, set as soon as it is known — before the connection is closed
+    /// and drained, so `commit` does not wait for QUIC's close handshake.
+    outcome: Option<Result<SourceReport, MigrationError>>,
     finished: bool,
 }
 
@@ -182,6 +185,7 @@ impl Migration {
                     .build()
                     .map_err(|e| MigrationError::Transport(format!("runtime: {e}")))?;
                 let forward_shared = thread_shared.clone();
+                let outcome_shared = thread_shared.clone();
                 let result = runtime.block_on(async move {
                     let forward = tokio::spawn(async move {
                         while let Some(event) = event_rx.recv().await {
@@ -202,6 +206,12 @@ impl Migration {
                         Some(hooks),
                     )
                     .await;
+                    {
+                        let (lock, condvar) = &*outcome_shared;
+                        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        state.outcome = Some(result.clone());
+                        condvar.notify_all();
+                    }
                     connection.close(0u32.into(), b"done");
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -330,8 +340,20 @@ impl Handoff {
 }
 
 impl Migration {
+    /// Waits for the engine's result. The thread then only closes the connection and drains
+    /// it (bounded by 2 s); it is left to finish that on its own, so the caller (a VMM in its
+    /// downtime, after `commit`) does not wait for QUIC's close handshake.
     fn join(&mut self) -> Result<SourceReport, MigrationError> {
         let thread = self.thread.take().expect("joined once");
+        let (lock, condvar) = &*self.shared;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let state = condvar
+            .wait_while(state, |s| s.outcome.is_none() && !s.finished)
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(outcome) = state.outcome.clone() {
+            return outcome;
+        }
+        drop(state);
         thread.join().unwrap_or_else(|_| {
             Err(MigrationError::Transport(
                 "migration thread panicked".into(),

@@ -38,7 +38,8 @@ pub(crate) struct StatusArgs {
     json: bool,
 }
 
-struct Client {
+/// A blocking control-API client (also used by `tern vm-migrate`).
+pub(crate) struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     next_id: u64,
@@ -47,7 +48,8 @@ struct Client {
 }
 
 impl Client {
-    fn connect(path: &Path) -> anyhow::Result<Self> {
+    /// Connects and checks the greeting.
+    pub(crate) fn connect(path: &Path) -> anyhow::Result<Self> {
         let stream = UnixStream::connect(path)
             .with_context(|| format!("connect to the control socket {}", path.display()))?;
         let writer = stream.try_clone()?;
@@ -77,7 +79,7 @@ impl Client {
     }
 
     /// Runs a command; returns its `return` value or fails with its error.
-    fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+    pub(crate) fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({ "execute": command, "arguments": arguments, "id": id });
@@ -102,7 +104,8 @@ impl Client {
         }
     }
 
-    fn next_event(&mut self) -> anyhow::Result<Option<Value>> {
+    /// The next event (queued while waiting for replies first); `None` when closed.
+    pub(crate) fn next_event(&mut self) -> anyhow::Result<Option<Value>> {
         if let Some(event) = self.pending_events.pop_front() {
             return Ok(Some(event));
         }
