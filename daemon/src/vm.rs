@@ -222,10 +222,9 @@ fn wait_storage(storage: &mut Client, id: &Value, timeout: Duration) -> anyhow::
     if let Some(m) = status["migrations"]
         .as_array()
         .and_then(|m| m.iter().find(|m| &m["migration"] == id))
+        .filter(|m| m["phase"] == "converged")
     {
-        if m["phase"] == "converged" {
-            return Ok(m.clone());
-        }
+        return Ok(m.clone());
     }
     while Instant::now() < deadline {
         let Some(event) = storage.next_event()? else {
