@@ -144,9 +144,11 @@ pub(crate) struct CopyResults {
 }
 
 /// A `tern keygen` identity.
-struct Identity {
-    dir: PathBuf,
-    fingerprint: String,
+pub(crate) struct Identity {
+    /// The identity directory (`--identity`).
+    pub(crate) dir: PathBuf,
+    /// Its certificate fingerprint, `sha256:…` (`--peer` on the other side).
+    pub(crate) fingerprint: String,
 }
 
 /// Shared state of the runs.
@@ -262,7 +264,8 @@ fn qemu_version() -> anyhow::Result<String> {
     Ok(done.stdout.lines().next().unwrap_or_default().to_owned())
 }
 
-fn keygen(tern: &Path, dir: &Path) -> anyhow::Result<Identity> {
+/// Makes an identity in `dir` with `tern keygen` and reads the fingerprint it prints.
+pub(crate) fn keygen(tern: &Path, dir: &Path) -> anyhow::Result<Identity> {
     let done = run_timed(
         "tern keygen",
         Command::new(tern).arg("keygen").arg("--out").arg(dir),
@@ -329,7 +332,7 @@ fn create_raw(path: &Path, bytes: u64) -> anyhow::Result<()> {
 }
 
 /// Removes `path` and Tern's `PATH.tern-incomplete` marker if they exist.
-fn remove_target(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn remove_target(path: &Path) -> anyhow::Result<()> {
     let mut marker = path.as_os_str().to_owned();
     marker.push(".tern-incomplete");
     for p in [path, Path::new(&marker)] {

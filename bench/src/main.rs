@@ -3,6 +3,7 @@
 
 mod copy;
 mod live;
+mod nbd;
 mod process;
 mod report;
 mod stats;
@@ -29,6 +30,10 @@ enum Command {
     /// Live migration with a writing guest (`tern demo`), repeated: storage downtime and the
     /// guest's achieved write rate.
     Live(live::LiveArgs),
+    /// Live migration through the daemon's NBD export (`tern export` → `tern serve
+    /// --export-nbd`) with fio writing over NBD, driven by `tern ctl`: downtime, time to
+    /// converge, and the guest's write rate and latency before and during the migration.
+    Nbd(nbd::NbdArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Copy(args) => run_copy(&args),
         Command::Live(args) => live::run(&args),
+        Command::Nbd(args) => nbd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

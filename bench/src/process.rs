@@ -51,7 +51,7 @@ pub(crate) fn wait_for_tcp(
 }
 
 /// Drains a pipe into a string on a thread (so the child never blocks on a full pipe).
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<String> {
+pub(crate) fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<String> {
     thread::spawn(move || {
         let mut text = String::new();
         if let Some(mut pipe) = pipe {
@@ -162,6 +162,20 @@ impl Guard {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// Sends SIGINT (a graceful stop for programs such as fio, which then write their logs
+    /// and results) and waits up to `grace`; `None` if the child is still running then.
+    pub(crate) fn interrupt(&mut self, grace: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        if self.done {
+            return self.wait_timeout(Duration::ZERO);
+        }
+        // std has no SIGINT either; as in `stop`.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        self.wait_timeout(grace)
     }
 
     /// Asks the child to stop (SIGTERM), waits up to `grace`, then kills it; returns how it

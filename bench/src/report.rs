@@ -126,7 +126,8 @@ pub(crate) fn analyze(results: &CopyResults) -> Analysis {
     }
 }
 
-fn opt(value: Option<f64>, digits: usize) -> String {
+/// `value` with `digits` decimals, or a dash when there is none.
+pub(crate) fn opt(value: Option<f64>, digits: usize) -> String {
     match value {
         Some(v) => format!("{v:.digits$}"),
         None => "–".to_owned(),

@@ -33,9 +33,31 @@ pub(crate) fn summarize(values: &[f64]) -> Option<Summary> {
     })
 }
 
+/// The `q`-quantile (`0 < q <= 1`, e.g. 0.99) of an ascending sample by the nearest-rank
+/// method (the smallest value with at least `q` of the sample at or below it); `None` when
+/// the sample is empty.
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Summary, summarize};
+    use super::{Summary, percentile, summarize};
+
+    #[test]
+    fn percentile_uses_the_nearest_rank() {
+        let sorted: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&sorted, 0.5), Some(50.0));
+        assert_eq!(percentile(&sorted, 0.99), Some(99.0));
+        assert_eq!(percentile(&sorted, 1.0), Some(100.0));
+        assert_eq!(percentile(&[7.0], 0.99), Some(7.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 0.5), Some(2.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
 
     #[test]
     fn empty_sample_has_no_summary() {
