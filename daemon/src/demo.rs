@@ -327,6 +327,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let hooks = LiveHooks {
             bitmaps: vec![disk.bitmap().clone()],
             throttles: vec![disk.throttle().clone()],
+            mirrors: vec![disk.mirror().clone()],
             commands: command_rx,
             events: event_tx,
         };

@@ -112,6 +112,7 @@ struct Job {
     last_sample: (Instant, u64),
     transfer_rate: f64,
     throttle_bytes_per_s: u64,
+    mirroring: bool,
     predicted_final_sync: Option<Duration>,
     downtime: Option<Duration>,
     verified: Option<bool>,
@@ -330,6 +331,7 @@ impl Jobs {
                 last_sample: (now, 0),
                 transfer_rate: 0.0,
                 throttle_bytes_per_s: 0,
+                mirroring: false,
                 predicted_final_sync: None,
                 downtime: None,
                 verified: None,
@@ -388,6 +390,7 @@ impl Jobs {
                 json!({ "dirty-bytes": dirty_bytes, "dirty-rate": dirty_rate, "transfer-rate": transfer_rate }),
             ),
             SourceEvent::ModeChanged {
+                mirroring,
                 throttle_bytes_per_s,
                 reason,
                 dirty_bytes,
@@ -395,9 +398,11 @@ impl Jobs {
                 transfer_rate,
             } => {
                 job.throttle_bytes_per_s = throttle_bytes_per_s;
+                job.mirroring = mirroring;
                 (
                     "mode-changed",
                     json!({
+                        "mirroring": mirroring,
                         "throttle-bytes-per-second": throttle_bytes_per_s,
                         "reason": reason,
                         "dirty-bytes": dirty_bytes,
@@ -760,7 +765,12 @@ fn job_status(job: &Job, disks: &[Disk]) -> Value {
         "migration": job.id,
         "phase": job.phase.name(),
         "engine-phase": progress.phase,
-        "mode": match job.mode { LiveMode::Auto => "auto", LiveMode::Background => "background" },
+        "mode": match job.mode {
+            LiveMode::Auto => "auto",
+            LiveMode::Background => "background",
+            LiveMode::Active => "active",
+        },
+        "mirroring": job.mirroring,
         "target": job.target.to_string(),
         "disks": job.disks.iter().map(|i| disks[*i].name.clone()).collect::<Vec<_>>(),
         "bytes-total": progress.bytes_total,

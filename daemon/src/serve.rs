@@ -7,7 +7,7 @@ use anyhow::Context;
 use std::sync::Arc;
 
 use tern_blockdev::{BlockDevice, OpenOptions};
-use tern_engine::driver::serve_one;
+use tern_engine::driver::{OnComplete, serve_one_with};
 use tern_nbd::proto::errno;
 use tern_nbd::{Export, NbdAddr, NbdServer};
 use tern_transport::{Fingerprint, Identity, TransportTuning, listen};
@@ -85,7 +85,30 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let endpoint = listen(args.listen, &identity, args.peer, &TransportTuning::default())
             .with_context(|| format!("listen on {}", args.listen))?;
         tracing::info!(listen = %endpoint.local_addr()?, fingerprint = %identity.fingerprint(), "waiting for the source");
-        let result = serve_one(&endpoint, &images, &OpenOptions::default()).await;
+        // At commit (images durably complete, before the source hears of it) the exports
+        // open, so a destination VM resumed right after the source's commit finds its disk.
+        let attached: Arc<std::sync::Mutex<Vec<BlockDevice>>> = Arc::default();
+        let on_complete: Option<OnComplete> = nbd_task.as_ref().map(|_| {
+            let exports = exports.clone();
+            let images = images.clone();
+            let attached = attached.clone();
+            Arc::new(move || {
+                for (path, export) in images.iter().zip(&exports) {
+                    match BlockDevice::open(path, &OpenOptions::default()) {
+                        Ok(device) => {
+                            export.attach(Arc::new(device.clone()));
+                            attached.lock().unwrap_or_else(|e| e.into_inner()).push(device);
+                        }
+                        Err(e) => {
+                            tracing::error!(image = %path.display(), error = %e, "cannot open the committed image for NBD");
+                            export.refuse(errno::EIO, format!("tern: cannot open the image: {e}"));
+                        }
+                    }
+                }
+                tracing::info!("migration committed; NBD exports open");
+            }) as OnComplete
+        });
+        let result = serve_one_with(&endpoint, &images, &OpenOptions::default(), on_complete).await;
         // Let the last frames and the close (with its reason) reach the source, bounded.
         endpoint.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -109,15 +132,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let Some(nbd_task) = nbd_task else {
             return Ok(());
         };
-        // Committed: the images are complete (their markers are gone); serve them.
-        let mut devices = Vec::new();
-        for (path, export) in images.iter().zip(&exports) {
-            let device = BlockDevice::open(path, &OpenOptions::default())
-                .with_context(|| format!("open {} for the NBD export", path.display()))?;
-            export.attach(Arc::new(device.clone()));
-            devices.push(device);
-        }
-        tracing::info!("migration committed; serving the disks over NBD until SIGTERM");
+        // Committed: the hook opened the exports; serve until told to stop.
+        let devices = std::mem::take(&mut *attached.lock().unwrap_or_else(|e| e.into_inner()));
+        tracing::info!("serving the disks over NBD until SIGTERM");
         crate::export::shutdown_signal().await?;
         nbd_task.abort();
         for device in &devices {

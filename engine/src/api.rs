@@ -161,6 +161,7 @@ impl Migration {
         let hooks = LiveHooks {
             bitmaps: disks.iter().map(|d| d.bitmap().clone()).collect(),
             throttles: disks.iter().map(|d| d.throttle().clone()).collect(),
+            mirrors: disks.iter().map(|d| d.mirror().clone()).collect(),
             commands: command_rx,
             events: event_tx,
         };

@@ -76,10 +76,14 @@ pub struct LiveConfig {
 pub enum LiveMode {
     /// Only re-send passes; report `NotConverging` with the numbers and keep going.
     Background,
-    /// Escalate: throttle the guest's writes to a quarter of the measured transfer rate,
-    /// halving the limit each time the dirty set stalls again. Every change is a
+    /// Escalate: first mirror guest writes synchronously (active mode), then, if the dirty
+    /// set still does not shrink, throttle the guest's writes to a quarter of the measured
+    /// transfer rate, halving the limit each time it stalls again. Every change is a
     /// `ModeChanged` event.
     Auto,
+    /// Mirror every guest write from the start: a write completes only once it is also on
+    /// the target (see [`SourceMigration::handle_mirror`]); re-send passes cover the rest.
+    Active,
 }
 
 impl std::str::FromStr for LiveMode {
@@ -88,7 +92,10 @@ impl std::str::FromStr for LiveMode {
         match s {
             "background" => Ok(Self::Background),
             "auto" => Ok(Self::Auto),
-            other => Err(format!("mode must be auto or background, not {other:?}")),
+            "active" => Ok(Self::Active),
+            other => Err(format!(
+                "mode must be auto, active or background, not {other:?}"
+            )),
         }
     }
 }
@@ -287,6 +294,8 @@ pub enum SourceEvent {
     },
     /// Live, `Auto`: the engine changed how it treats guest writes.
     ModeChanged {
+        /// Whether guest writes are now mirrored synchronously (active mode).
+        mirroring: bool,
         /// Guest write limit now in force, bytes per second (0 = none).
         throttle_bytes_per_s: u64,
         /// Why, in words.
@@ -371,8 +380,16 @@ struct DiskState {
     chunk_bytes: u64,
     /// Digest of each chunk as last sent; `None` until its read completed.
     digests: Vec<Option<u128>>,
+    /// Generation of the read each digest came from: reads of one chunk may complete out of
+    /// order (a mirror read racing a pass), and the newest generation is what the target
+    /// keeps (I3), so only a newer read replaces a digest.
+    digest_generations: Vec<u64>,
     /// Chunks whose target digest has arrived and matched.
     verified_chunks: u64,
+    /// Bulk blocks not yet planned that received a mirrored write: the bulk pass must read
+    /// them even if the extent map (taken at the start) calls them holes, or its zero range
+    /// — newer than the mirror — would overwrite the write at the target.
+    written_ahead: std::collections::BTreeSet<u64>,
 }
 
 impl DiskState {
@@ -389,12 +406,17 @@ impl DiskState {
         start..(start + self.chunk_bytes).min(self.size)
     }
 
-    /// Records the digests of the chunks in `data`, which starts at byte `offset`.
-    fn record_digests(&mut self, offset: u64, data: &[u8]) {
+    /// Records the digests of the chunks in `data`, which starts at byte `offset` and was
+    /// read with `generation`.
+    fn record_digests(&mut self, offset: u64, data: &[u8], generation: u64) {
         debug_assert_eq!(offset % self.chunk_bytes, 0);
         let first = offset / self.chunk_bytes;
         for (i, chunk) in data.chunks(self.chunk_bytes as usize).enumerate() {
-            self.digests[first as usize + i] = Some(digest(chunk));
+            let index = first as usize + i;
+            if self.digest_generations[index] <= generation {
+                self.digest_generations[index] = generation;
+                self.digests[index] = Some(digest(chunk));
+            }
         }
     }
 
@@ -472,6 +494,26 @@ pub struct SourceMigration {
     io: VecDeque<ReadRequest>,
     events: VecDeque<SourceEvent>,
     progress: SourceProgress,
+    /// The target understands mirror requests.
+    mirror_supported: bool,
+    /// Active mode is on: the driver routes guest writes to `handle_mirror`.
+    mirroring: bool,
+    /// Mirror reads not yet issued: (mirror token, disk, byte range), ahead of other reads.
+    mirror_queue: VecDeque<(u64, u32, Range<u64>)>,
+    /// Mirrors in progress: token → reads still to complete and the ranges sent so far; once
+    /// every read is sent, the token waits here for the target's `MirrorAck`.
+    mirrors: HashMap<u64, MirrorState>,
+    /// Read token → mirror token, for reads issued on behalf of a mirror.
+    mirror_reads: HashMap<u64, u64>,
+    /// Finished mirrors for the driver: (token, reached the target).
+    mirrored: VecDeque<(u64, bool)>,
+}
+
+/// One mirrored guest write on its way to the target.
+#[derive(Debug, Default)]
+struct MirrorState {
+    reads_left: usize,
+    ranges: Vec<tern_transport::MirrorRange>,
 }
 
 impl SourceMigration {
@@ -494,7 +536,9 @@ impl SourceMigration {
                     next_block: 0,
                     chunk_bytes: config.chunk_bytes as u64,
                     digests: vec![None; chunks],
+                    digest_generations: vec![0; chunks],
                     verified_chunks: 0,
+                    written_ahead: Default::default(),
                 }
             })
             .collect();
@@ -503,7 +547,7 @@ impl SourceMigration {
             features: FEATURES_SUPPORTED,
             session_id: config.session_id,
             chunk_bytes: config.chunk_bytes,
-            data_streams: config.data_streams,
+            data_streams: config.data_streams + u16::from(config.live.is_some()),
             disks: disks
                 .iter()
                 .map(|d| DiskInfo {
@@ -512,7 +556,9 @@ impl SourceMigration {
                 })
                 .collect(),
         };
-        let streams = config.data_streams as usize;
+        // A live migration adds one stream for mirrored writes, so a guest waiting on its
+        // write never waits behind bulk data buffered on a shared stream.
+        let streams = hello.data_streams as usize;
         let mut migration = Self {
             config,
             phase: Phase::Handshake,
@@ -535,6 +581,12 @@ impl SourceMigration {
             frames_sent: vec![0; streams],
             io: VecDeque::new(),
             events: VecDeque::new(),
+            mirror_supported: false,
+            mirroring: false,
+            mirror_queue: VecDeque::new(),
+            mirrors: HashMap::new(),
+            mirror_reads: HashMap::new(),
+            mirrored: VecDeque::new(),
             progress: SourceProgress {
                 bytes_total,
                 phase: Phase::Handshake.name(),
@@ -562,6 +614,7 @@ impl SourceMigration {
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         // Planning happens here, not in `poll_io`: planning a hole queues frames, and the
         // driver drains transmits before reads, so nothing planned is left unsent.
+        self.plan_mirrors();
         self.plan_bulk();
         self.plan_dirty();
         let transmit = self.transmit.pop_front()?;
@@ -613,9 +666,40 @@ impl SourceMigration {
                         true,
                     );
                 }
+                self.mirror_supported =
+                    welcome.features & tern_transport::control::FEATURE_MIRROR != 0;
                 self.set_phase(Phase::Bulk);
                 self.events.push_back(SourceEvent::Connected);
+                let active = self
+                    .config
+                    .live
+                    .as_ref()
+                    .is_some_and(|live| live.mode == LiveMode::Active);
+                if active && self.mirror_supported {
+                    self.mirroring = true;
+                    self.events.push_back(SourceEvent::ModeChanged {
+                        mirroring: true,
+                        throttle_bytes_per_s: 0,
+                        reason: "active mode: guest writes complete once they are on the target"
+                            .into(),
+                        dirty_bytes: 0,
+                        dirty_rate: 0.0,
+                        transfer_rate: 0.0,
+                    });
+                }
                 self.maybe_finish_bulk();
+            }
+            (_, Control::MirrorAck { tokens }) => {
+                for token in tokens {
+                    let waiting = self.mirrors.get(&token).is_some_and(|m| m.reads_left == 0);
+                    if !waiting {
+                        return self.protocol_error_from_target(format!(
+                            "acknowledgement of unknown mirror request {token}"
+                        ));
+                    }
+                    self.mirrors.remove(&token);
+                    self.mirrored.push_back((token, true));
+                }
             }
             (Phase::Iterating | Phase::FinalPass, Control::BarrierDone { id })
                 if self.pass_barrier == Some(id) =>
@@ -713,13 +797,17 @@ impl SourceMigration {
             range.end - range.start,
             "short read reached the engine"
         );
-        state.record_digests(range.start, &data);
+        state.record_digests(range.start, &data, generation);
         self.progress.bytes_read += data.len() as u64;
         self.pass.bytes_sent += data.len() as u64;
-        if self.phase != Phase::Bulk {
+        let mirror = self.mirror_reads.remove(&token);
+        if self.phase != Phase::Bulk || mirror.is_some() {
             self.progress.bytes_resent += range.end - range.start;
         }
-        self.send_block(disk, range.start, data, generation);
+        self.send_block(disk, range.start, data, generation, mirror.is_none());
+        if let Some(mirror) = mirror {
+            self.mirror_read_sent(mirror, disk, range, generation);
+        }
         self.maybe_finish_bulk();
         self.maybe_finish_pass();
     }
@@ -750,6 +838,8 @@ impl SourceMigration {
         self.io.clear();
         self.transmit.clear();
         self.transmit_bytes = 0;
+        self.mirroring = false;
+        self.abandon_mirrors();
         if tell_peer {
             let code = match &error {
                 MigrationError::Protocol(_) => ErrorCode::Protocol,
@@ -770,6 +860,150 @@ impl SourceMigration {
     /// Cancels the migration: tells the target and fails.
     pub fn cancel(&mut self) {
         self.fail(MigrationError::Cancelled, true);
+    }
+
+    /// Data streams the driver must open (the Hello announces them), in order.
+    pub fn data_streams(&self) -> u16 {
+        self.frames_sent.len() as u16
+    }
+
+    /// The stream reserved for mirrored writes (live migrations: the last one); the driver
+    /// gives it priority.
+    pub fn mirror_stream(&self) -> Option<u16> {
+        self.config
+            .live
+            .is_some()
+            .then_some(self.config.data_streams)
+    }
+
+    /// True while guest writes should be mirrored (active mode is on): the driver then hands
+    /// each completed guest write to [`SourceMigration::handle_mirror`] instead of marking
+    /// it dirty.
+    pub fn is_mirroring(&self) -> bool {
+        self.mirroring
+    }
+
+    /// Active mode: the guest's write (or discard, or write-zeroes) of `range` on `disk`
+    /// completed on the source; the guest must not learn so before it is on the target.
+    /// The machine reads the chunks covering the range (the read is issued after the write
+    /// completed, so it returns the written bytes or newer ones), sends them with fresh
+    /// generations, and asks the target to acknowledge once its disk holds them — ordered
+    /// with every other write of those chunks by generation (I3). The outcome comes from
+    /// [`SourceMigration::poll_mirrored`]: `true` once the target acknowledged; `false` if
+    /// the write could not be mirrored (not mirroring, the migration ended or failed), in
+    /// which case the caller marks the range dirty, as for any unmirrored write (I2).
+    ///
+    /// "On the target" means the target's write of those bytes (or of newer bytes) completed:
+    /// a read of the target image would return them. They become durable at the next barrier
+    /// — at the latest the switchover's flush, before the target can become authoritative.
+    pub fn handle_mirror(&mut self, token: u64, disk: u32, range: Range<u64>) {
+        let valid = self
+            .disks
+            .get(disk as usize)
+            .is_some_and(|d| range.start < range.end && range.end <= d.size);
+        // The target holds at most MIRROR_PENDING_MAX requests; past that (a guest with an
+        // enormous queue) a write is tracked the passive way instead.
+        let room = self.mirrors.len() < tern_transport::control::MIRROR_PENDING_MAX;
+        if !self.mirroring
+            || !valid
+            || !room
+            || !matches!(
+                self.phase,
+                Phase::Bulk | Phase::Iterating | Phase::FinalPass
+            )
+        {
+            self.mirrored.push_back((token, false));
+            return;
+        }
+        let chunk_bytes = self.config.chunk_bytes as u64;
+        let state = &mut self.disks[disk as usize];
+        let size = state.size;
+        if self.phase == Phase::Bulk {
+            let block = BULK_READ_BYTES as u64;
+            for b in range.start / block..range.end.div_ceil(block) {
+                if b >= state.next_block {
+                    state.written_ahead.insert(b);
+                }
+            }
+        }
+        let mut start = range.start / chunk_bytes * chunk_bytes;
+        let end = (range.end.div_ceil(chunk_bytes) * chunk_bytes).min(size);
+        let mut reads = 0;
+        while start < end {
+            let block = BULK_READ_BYTES as u64;
+            let read_end = end.min((start / block + 1) * block);
+            self.mirror_queue.push_back((token, disk, start..read_end));
+            reads += 1;
+            start = read_end;
+        }
+        let previous = self.mirrors.insert(
+            token,
+            MirrorState {
+                reads_left: reads,
+                ranges: Vec::with_capacity(reads),
+            },
+        );
+        assert!(previous.is_none(), "mirror token {token} reused");
+    }
+
+    /// The next finished mirror: (token, whether the target holds the write).
+    pub fn poll_mirrored(&mut self) -> Option<(u64, bool)> {
+        self.mirrored.pop_front()
+    }
+
+    /// Issues mirror reads ahead of pass and bulk reads (a guest is waiting on each).
+    fn plan_mirrors(&mut self) {
+        while self.reads.len() < self.config.reads_in_flight_max {
+            let Some((mirror, disk, range)) = self.mirror_queue.pop_front() else {
+                break;
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            let generation = self.next_generation();
+            self.reads.insert(token, (disk, range.clone(), generation));
+            self.mirror_reads.insert(token, mirror);
+            self.io.push_back(ReadRequest {
+                token,
+                disk,
+                offset: range.start,
+                len: (range.end - range.start) as u32,
+            });
+        }
+    }
+
+    /// A mirror's read was queued for sending; once all of them are, ask for the ack.
+    fn mirror_read_sent(&mut self, mirror: u64, disk: u32, range: Range<u64>, generation: u64) {
+        let chunk_bytes = self.config.chunk_bytes as u64;
+        let Some(state) = self.mirrors.get_mut(&mirror) else {
+            return;
+        };
+        state.ranges.push(tern_transport::MirrorRange {
+            disk,
+            chunk: range.start / chunk_bytes,
+            chunk_count: (range.end - range.start).div_ceil(chunk_bytes) as u32,
+            generation,
+        });
+        state.reads_left -= 1;
+        if state.reads_left == 0 {
+            let ranges = state.ranges.clone();
+            self.push_transmit(Transmit::Control(Control::MirrorRequest {
+                token: mirror,
+                ranges,
+            }));
+        }
+    }
+
+    /// Every mirror not yet acknowledged ends unmirrored (the caller marks it dirty).
+    fn abandon_mirrors(&mut self) {
+        self.mirror_queue.clear();
+        self.mirror_reads.clear();
+        let mut tokens: Vec<u64> = self.mirrors.drain().map(|(token, _)| token).collect();
+        tokens.sort_unstable();
+        self.mirrored.extend(tokens.into_iter().map(|t| (t, false)));
+    }
+
+    fn protocol_error_from_target(&mut self, message: String) {
+        self.fail(MigrationError::Protocol(message), true);
     }
 
     fn push_transmit(&mut self, transmit: Transmit) {
@@ -806,7 +1040,10 @@ impl SourceMigration {
                 self.bulk_disk += 1;
                 continue;
             }
-            let next = disk.next_allocated_block(block);
+            let mut next = disk.next_allocated_block(block);
+            if let Some(&written) = disk.written_ahead.range(block..).next() {
+                next = next.min(written);
+            }
             if next > block {
                 // A run of blocks with no allocated byte: zero ranges, never read.
                 disk.next_block = next;
@@ -942,7 +1179,7 @@ impl SourceMigration {
                                     transfer_rate,
                                 });
                             }
-                            LiveMode::Auto => {
+                            LiveMode::Auto | LiveMode::Active => {
                                 self.escalate(dirty_bytes, dirty_rate, transfer_rate);
                             }
                         }
@@ -979,6 +1216,25 @@ impl SourceMigration {
     fn escalate(&mut self, dirty_bytes: u64, dirty_rate: f64, transfer_rate: f64) {
         /// Below this a guest is practically stopped; the limit does not go lower.
         const THROTTLE_MIN: u64 = 1 << 20;
+        if !self.mirroring && self.mirror_supported {
+            // First step: mirror writes, so new writes stop adding to the dirty set and the
+            // passes only have the backlog left to send.
+            self.mirroring = true;
+            self.stalled_harvests = 0;
+            self.pass.best_dirty_bytes = 0;
+            self.events.push_back(SourceEvent::ModeChanged {
+                mirroring: true,
+                throttle_bytes_per_s: 0,
+                reason: format!(
+                    "dirty set stopped shrinking for {} harvests: guest writes are now mirrored (active mode)",
+                    live_stalled(self)
+                ),
+                dirty_bytes,
+                dirty_rate,
+                transfer_rate,
+            });
+            return;
+        }
         let limit = if self.throttle_bytes_per_s == 0 {
             (transfer_rate / 4.0) as u64
         } else {
@@ -997,6 +1253,7 @@ impl SourceMigration {
         self.stalled_harvests = 0;
         self.pass.best_dirty_bytes = 0;
         self.events.push_back(SourceEvent::ModeChanged {
+            mirroring: self.mirroring,
             throttle_bytes_per_s: limit,
             reason,
             dirty_bytes,
@@ -1025,7 +1282,14 @@ impl SourceMigration {
     /// A live pass is finished when nothing is queued or being read; in the final pass the
     /// target then has every byte and only the barrier is left.
     fn maybe_finish_pass(&mut self) {
-        if !self.reads.is_empty() || !self.dirty_queue.is_empty() || !self.io.is_empty() {
+        // The final pass also waits for mirrors (the guest is paused, so they end); a live
+        // pass does not, or a busy guest in active mode would starve the passes.
+        let mirrors_busy = !self.mirror_queue.is_empty() || !self.mirror_reads.is_empty();
+        if self.copy_reads_in_flight() > 0
+            || !self.dirty_queue.is_empty()
+            || !self.io.is_empty()
+            || (self.phase == Phase::FinalPass && mirrors_busy)
+        {
             return;
         }
         match self.phase {
@@ -1073,7 +1337,12 @@ impl SourceMigration {
     }
 
     /// Splits a block read into runs of zero and non-zero chunks and queues their frames.
-    fn send_block(&mut self, disk: u32, offset: u64, data: Bytes, generation: u64) {
+    /// Queues the frames of a read. Mirror reads (`bulk` false) do not advance the bulk
+    /// pass's progress (their chunks are covered by it too), and their frames go to the front
+    /// of the queue: a guest waits on them. Jumping the queue is safe — the target orders
+    /// writes of a chunk by generation (I3), and a barrier only needs at least the frames it
+    /// counts.
+    fn send_block(&mut self, disk: u32, offset: u64, data: Bytes, generation: u64, bulk: bool) {
         let chunk_bytes = self.config.chunk_bytes as usize;
         debug_assert_eq!(offset % chunk_bytes as u64, 0);
         let first_chunk = offset / chunk_bytes as u64;
@@ -1090,37 +1359,53 @@ impl SourceMigration {
             let chunk = first_chunk + run_start as u64;
             let count = (run_end - run_start) as u32;
 
-            let stream = self.stream_for(disk, offset);
-            if zero {
+            let stream = match self.mirror_stream() {
+                Some(mirror) if !bulk => mirror,
+                _ => self.stream_for(disk, offset),
+            };
+            let frame = if zero {
                 self.progress.bytes_zero += (byte_end - byte_start) as u64;
-                self.push_transmit(Transmit::Zero {
+                Transmit::Zero {
                     stream,
                     disk,
                     chunk,
                     chunk_count: count,
                     generation,
-                });
+                }
             } else {
                 self.progress.bytes_data += (byte_end - byte_start) as u64;
-                self.push_transmit(Transmit::Data {
+                Transmit::Data {
                     stream,
                     disk,
                     chunk,
                     chunk_count: count,
                     generation,
                     data: data.slice(byte_start..byte_end),
-                });
+                }
+            };
+            if bulk || self.phase == Phase::Iterating && !self.mirroring {
+                self.push_transmit(frame);
+            } else {
+                self.transmit_bytes += frame.queued_bytes();
+                self.transmit.push_front(frame);
             }
-            if self.phase == Phase::Bulk {
+            if self.phase == Phase::Bulk && bulk {
                 self.progress.bytes_done += (byte_end - byte_start) as u64;
             }
             run_start = run_end;
         }
     }
 
+    /// Reads in flight for the copy itself (bulk or pass), not for mirrors: a guest that
+    /// keeps writing in active mode keeps a mirror read in flight most of the time, and the
+    /// bulk pass and the live passes must still end.
+    fn copy_reads_in_flight(&self) -> usize {
+        self.reads.len() - self.mirror_reads.len()
+    }
+
     fn maybe_finish_bulk(&mut self) {
         if self.phase != Phase::Bulk
-            || !self.reads.is_empty()
+            || self.copy_reads_in_flight() > 0
             || !self.io.is_empty()
             || self.disks.iter().any(|d| d.next_block < d.blocks())
         {
@@ -1247,6 +1532,14 @@ impl SourceMigration {
     }
 }
 
+fn live_stalled(machine: &SourceMigration) -> u32 {
+    machine
+        .config
+        .live
+        .as_ref()
+        .map_or(0, |live| live.stalled_harvests_max)
+}
+
 fn chunk_slice(data: &[u8], chunk: usize, chunk_bytes: usize) -> &[u8] {
     let start = chunk * chunk_bytes;
     &data[start..(start + chunk_bytes).min(data.len())]
@@ -1266,5 +1559,7 @@ pub(crate) fn message_name(message: &Control) -> &'static str {
         Control::Error { .. } => "Error",
         Control::DigestSummaryRequest { .. } => "DigestSummaryRequest",
         Control::DigestSummary { .. } => "DigestSummary",
+        Control::MirrorRequest { .. } => "MirrorRequest",
+        Control::MirrorAck { .. } => "MirrorAck",
     }
 }

@@ -20,8 +20,11 @@
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
-use tern_transport::control::{DIGESTS_PER_MESSAGE, FEATURES_REQUIRED, FEATURES_SUPPORTED};
-use tern_transport::{Control, ErrorCode, Frame, Hello, PROTOCOL_VERSION, Welcome};
+use tern_transport::control::{
+    DIGESTS_PER_MESSAGE, FEATURES_REQUIRED, FEATURES_SUPPORTED, MIRROR_PENDING_MAX,
+    MIRROR_RANGES_MAX,
+};
+use tern_transport::{Control, ErrorCode, Frame, Hello, MirrorRange, PROTOCOL_VERSION, Welcome};
 
 use crate::digest::{digest, summary, zero_digest};
 use crate::error::MigrationError;
@@ -155,6 +158,8 @@ pub struct TargetMigration {
     transmit: VecDeque<Control>,
     events: VecDeque<TargetEvent>,
     bytes_written: u64,
+    /// Mirror requests not yet satisfied: token → the chunks and generations they wait for.
+    mirror_pending: Vec<(u64, Vec<MirrorRange>)>,
 }
 
 impl TargetMigration {
@@ -229,6 +234,7 @@ impl TargetMigration {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             bytes_written: 0,
+            mirror_pending: Vec::new(),
         };
         let welcome = Control::Welcome(Welcome {
             version: PROTOCOL_VERSION,
@@ -240,6 +246,12 @@ impl TargetMigration {
     /// True while the driver may hand over another frame (I6: bounded pending writes).
     pub fn can_accept_frame(&self) -> bool {
         self.writes_in_flight + self.deferred.len() < FRAMES_PENDING_MAX
+    }
+
+    /// Like [`TargetMigration::can_accept_frame`] for the priority (mirror) stream, with a
+    /// little headroom so a mirrored write is taken even while bulk frames fill the window.
+    pub fn can_accept_priority_frame(&self) -> bool {
+        self.writes_in_flight + self.deferred.len() < FRAMES_PENDING_MAX + 16
     }
 
     /// Bytes written to the disks so far (data, not zero ranges).
@@ -393,6 +405,32 @@ impl TargetMigration {
                 self.in_flight.insert(token, InFlight::MarkComplete);
                 self.io.push_back(TargetIo::MarkComplete { token });
             }
+            Control::MirrorRequest { token, ranges } => {
+                if ranges.is_empty() || ranges.len() > MIRROR_RANGES_MAX {
+                    return self.protocol_error("mirror request with no or too many ranges".into());
+                }
+                if self.mirror_pending.len() >= MIRROR_PENDING_MAX {
+                    return self.protocol_error("too many mirror requests waiting".into());
+                }
+                for range in &ranges {
+                    let chunks = self
+                        .disks
+                        .get(range.disk as usize)
+                        .map(|d| d.generation.len() as u64);
+                    let in_range = chunks.is_some_and(|chunks| {
+                        range.chunk_count > 0
+                            && range
+                                .chunk
+                                .checked_add(range.chunk_count as u64)
+                                .is_some_and(|end| end <= chunks)
+                    });
+                    if !in_range || range.generation == 0 {
+                        return self.protocol_error("mirror request out of range".into());
+                    }
+                }
+                self.mirror_pending.push((token, ranges));
+                self.check_mirrors();
+            }
             Control::Error { code, message } => {
                 self.fail(MigrationError::Peer(format!("{code:?}: {message}")), false);
             }
@@ -417,6 +455,7 @@ impl TargetMigration {
                     state.busy[chunk as usize] = false;
                 }
                 self.run_deferred();
+                self.check_mirrors();
                 self.check_barrier();
             }
             InFlight::Flush => {
@@ -604,6 +643,32 @@ impl TargetMigration {
                     len: byte_end - offset,
                 }),
             }
+        }
+    }
+
+    /// Acknowledges the mirror requests whose chunks all hold a completed write of at least
+    /// the requested generation (a newer one carries the mirrored bytes too: it was read
+    /// later at the source).
+    fn check_mirrors(&mut self) {
+        if self.mirror_pending.is_empty() {
+            return;
+        }
+        let disks = &self.disks;
+        let written = |range: &MirrorRange| {
+            let disk = &disks[range.disk as usize];
+            (range.chunk..range.chunk + range.chunk_count as u64)
+                .all(|c| disk.generation[c as usize] >= range.generation && !disk.busy[c as usize])
+        };
+        let mut tokens = Vec::new();
+        self.mirror_pending.retain(|(token, ranges)| {
+            let done = ranges.iter().all(written);
+            if done {
+                tokens.push(*token);
+            }
+            !done
+        });
+        if !tokens.is_empty() {
+            self.transmit.push_back(Control::MirrorAck { tokens });
         }
     }
 

@@ -4,8 +4,14 @@
 //! A write, discard or write-zeroes marks its blocks *after* the backend completed it, and
 //! before the caller learns that it completed (invariant I2). A failed write marks too: it may
 //! have changed some bytes before failing. Reads and flushes pass through.
+//!
+//! In active mode (a migration turned its [`MirrorSwitch`] on) a completed write is not
+//! marked but handed to the migration as a [`MirrorJob`]; the caller learns of the
+//! completion only once the migration reports the write on the target — or, if it cannot
+//! (the migration ended or failed), once the blocks were marked dirty after all.
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use tern_blockdev::{BlockDevice, BlockError, Callback, Completion, IoBuf, IoOp};
 
@@ -18,6 +24,110 @@ pub struct TrackedDisk {
     device: BlockDevice,
     bitmap: Arc<DirtyBitmap>,
     throttle: Arc<Throttle>,
+    mirror: Arc<MirrorSwitch>,
+}
+
+/// A completed guest write that must reach the target before the guest learns of it.
+/// Finish it with [`MirrorJob::finish`]; dropping it unfinished counts as "not mirrored"
+/// (the blocks are marked dirty, then the guest's completion runs).
+pub struct MirrorJob {
+    /// The disk's index in the migration.
+    pub disk: u32,
+    /// The bytes the write covered.
+    pub range: Range<u64>,
+    done: Option<Box<dyn FnOnce(bool) + Send>>,
+}
+
+impl std::fmt::Debug for MirrorJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorJob")
+            .field("disk", &self.disk)
+            .field("range", &self.range)
+            .finish()
+    }
+}
+
+impl MirrorJob {
+    /// Completes the guest's write: `mirrored` says whether the target holds it; if not,
+    /// its blocks are marked dirty first (I2).
+    pub fn finish(mut self, mirrored: bool) {
+        if let Some(done) = self.done.take() {
+            done(mirrored);
+        }
+    }
+}
+
+impl Drop for MirrorJob {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(false);
+        }
+    }
+}
+
+/// Connects a tracked disk to a migration that may mirror its writes (active mode).
+#[derive(Debug, Default)]
+pub struct MirrorSwitch {
+    inner: Mutex<Option<MirrorLink>>,
+}
+
+#[derive(Debug)]
+struct MirrorLink {
+    disk: u32,
+    jobs: tokio::sync::mpsc::UnboundedSender<MirrorJob>,
+    active: bool,
+}
+
+impl MirrorSwitch {
+    /// A migration takes the disk as its disk `disk`; writes go to `jobs` while active.
+    pub fn connect(&self, disk: u32, jobs: tokio::sync::mpsc::UnboundedSender<MirrorJob>) {
+        *self.lock() = Some(MirrorLink {
+            disk,
+            jobs,
+            active: false,
+        });
+    }
+
+    /// Turns mirroring on or off (writes completing after this call follow it).
+    pub fn set_active(&self, active: bool) {
+        if let Some(link) = self.lock().as_mut() {
+            link.active = active;
+        }
+    }
+
+    /// The migration ended: writes are marked dirty again.
+    pub fn disconnect(&self) {
+        *self.lock() = None;
+    }
+
+    /// Whether writes are being mirrored now.
+    pub fn is_active(&self) -> bool {
+        self.lock().as_ref().is_some_and(|link| link.active)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MirrorLink>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a completed write to the migration if mirroring is on; gives `done` back if not.
+    fn route(
+        &self,
+        range: Range<u64>,
+        done: Box<dyn FnOnce(bool) + Send>,
+    ) -> Option<Box<dyn FnOnce(bool) + Send>> {
+        let guard = self.lock();
+        let Some(link) = guard.as_ref().filter(|link| link.active) else {
+            return Some(done);
+        };
+        let job = MirrorJob {
+            disk: link.disk,
+            range,
+            done: Some(done),
+        };
+        // A closed channel drops the job, which finishes it unmirrored.
+        let _ = link.jobs.send(job);
+        None
+    }
 }
 
 impl TrackedDisk {
@@ -29,6 +139,7 @@ impl TrackedDisk {
             device,
             bitmap,
             throttle: Arc::new(Throttle::new()),
+            mirror: Arc::default(),
         })
     }
 
@@ -45,6 +156,11 @@ impl TrackedDisk {
     /// The write throttle (unlimited unless a migration in `auto` mode had to slow the guest).
     pub fn throttle(&self) -> &Arc<Throttle> {
         &self.throttle
+    }
+
+    /// The active-mode switch (a migration connects and turns it on).
+    pub fn mirror(&self) -> &Arc<MirrorSwitch> {
+        &self.mirror
     }
 
     /// Size in bytes.
@@ -84,9 +200,22 @@ impl TrackedDisk {
             None => self.device.submit(op, done),
             Some((offset, len)) => {
                 let bitmap = self.bitmap.clone();
+                let mirror = self.mirror.clone();
                 self.device.submit(
                     op,
                     Box::new(move |completion: Completion| {
+                        if completion.result.is_ok() {
+                            let finish = Box::new(move |mirrored: bool| {
+                                if !mirrored {
+                                    bitmap.mark(offset, len);
+                                }
+                                done(completion);
+                            });
+                            if let Some(finish) = mirror.route(offset..offset + len, finish) {
+                                finish(false);
+                            }
+                            return;
+                        }
                         bitmap.mark(offset, len);
                         done(completion);
                     }),

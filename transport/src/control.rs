@@ -15,8 +15,10 @@ use crate::frame::{EncodedFrame, encode_control};
 pub const FEATURE_ZSTD: u64 = 1 << 0;
 /// Feature bit: the sender understands zero-range frames.
 pub const FEATURE_ZERO_RANGES: u64 = 1 << 1;
+/// Feature bit: the sender understands `MirrorRequest` / `MirrorAck` (active mirroring).
+pub const FEATURE_MIRROR: u64 = 1 << 2;
 /// Features this build supports.
-pub const FEATURES_SUPPORTED: u64 = FEATURE_ZSTD | FEATURE_ZERO_RANGES;
+pub const FEATURES_SUPPORTED: u64 = FEATURE_ZSTD | FEATURE_ZERO_RANGES | FEATURE_MIRROR;
 /// Features a peer must support for this build to talk to it.
 pub const FEATURES_REQUIRED: u64 = FEATURE_ZERO_RANGES;
 
@@ -145,7 +147,40 @@ pub enum Control {
         /// The summary digest.
         digest: u128,
     },
+    /// Source → target (active mirroring): answer `MirrorAck { token }` once every chunk in
+    /// `ranges` holds data of at least the given generation on the target's disk (the write
+    /// completed; durable at the next barrier). The frames travel on the data streams; this
+    /// request may arrive before or after them.
+    MirrorRequest {
+        /// Echoed in the acknowledgement.
+        token: u64,
+        /// The chunks and the generation each must have reached.
+        ranges: Vec<MirrorRange>,
+    },
+    /// Target → source: the chunks of these `MirrorRequest`s are written.
+    MirrorAck {
+        /// The requests' tokens.
+        tokens: Vec<u64>,
+    },
 }
+
+/// Chunks `chunk..chunk + chunk_count` of `disk`, sent with `generation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorRange {
+    /// Disk index.
+    pub disk: u32,
+    /// First chunk.
+    pub chunk: u64,
+    /// Number of chunks.
+    pub chunk_count: u32,
+    /// The generation of the frame(s) that carried them.
+    pub generation: u64,
+}
+
+/// Ranges per `MirrorRequest` at most (a 32 MiB write at 4 KiB chunks fits with room).
+pub const MIRROR_RANGES_MAX: usize = 64;
+/// Mirror requests a target keeps waiting at most; more is a protocol violation.
+pub const MIRROR_PENDING_MAX: usize = 4096;
 
 impl Control {
     /// Serializes into a control frame.

@@ -15,7 +15,7 @@ pub mod frame;
 pub mod identity;
 pub mod quic;
 
-pub use control::{Control, DiskInfo, ErrorCode, Hello, Welcome};
+pub use control::{Control, DiskInfo, ErrorCode, Hello, MirrorRange, Welcome};
 pub use error::{DecodeError, TransportError};
 pub use frame::{
     Codec, Compression, EncodedFrame, Encoder, FRAME_PAYLOAD_BYTES_MAX, FRAME_RAW_BYTES_MAX, Frame,

@@ -7,7 +7,10 @@ pub mod source;
 pub mod target;
 
 pub use source::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
-pub use target::{TargetReport, incomplete_marker, run_target, serve_one};
+pub use target::{
+    OnComplete, TargetReport, incomplete_marker, run_target, run_target_with, serve_one,
+    serve_one_with,
+};
 
 /// Describes a stream failure: when the peer closed the connection, its close reason (which
 /// carries the peer's error message) says more than "connection lost".

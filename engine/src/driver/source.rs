@@ -20,6 +20,7 @@ use crate::source::{
     SourceConfig, SourceDisk, SourceEvent, SourceMigration, SourceProgress, Transmit,
 };
 use crate::throttle::Throttle;
+use crate::tracked::{MirrorJob, MirrorSwitch};
 
 /// zstd level for data frames: level 1 gives most of the ratio at ~0.4 GB/s per core.
 const ZSTD_LEVEL: i32 = 1;
@@ -55,6 +56,9 @@ pub struct LiveHooks {
     /// One write throttle per disk (in disk order), set by `ModeChanged` events and lifted
     /// when the migration ends.
     pub throttles: Vec<Arc<Throttle>>,
+    /// One active-mode switch per disk (in disk order): the driver connects them, turns them
+    /// on when the machine starts mirroring, and disconnects them when the migration ends.
+    pub mirrors: Vec<Arc<MirrorSwitch>>,
 }
 
 /// A command to a running live migration.
@@ -105,7 +109,8 @@ pub async fn run_source(
     live: Option<LiveHooks>,
 ) -> Result<SourceReport, MigrationError> {
     let started = Instant::now();
-    let (bitmaps, mut commands, events, throttles) = match live {
+    let (mirror_tx, mut mirror_rx) = mpsc::unbounded_channel::<MirrorJob>();
+    let (bitmaps, mut commands, events, throttles, mirrors) = match live {
         Some(hooks) => {
             assert_eq!(hooks.bitmaps.len(), disks.len(), "one bitmap per disk");
             for bitmap in &hooks.bitmaps {
@@ -114,15 +119,23 @@ pub async fn run_source(
                 // complete from now on are marked and re-sent (I2).
                 bitmap.harvest();
             }
+            for (disk, switch) in hooks.mirrors.iter().enumerate() {
+                switch.connect(disk as u32, mirror_tx.clone());
+            }
             (
                 hooks.bitmaps,
                 Some(hooks.commands),
                 Some(hooks.events),
                 hooks.throttles,
+                hooks.mirrors,
             )
         }
-        None => (Vec::new(), None, None, Vec::new()),
+        None => (Vec::new(), None, None, Vec::new(), Vec::new()),
     };
+    drop(mirror_tx);
+    // Guest writes waiting for their mirror: machine token → job.
+    let mut mirror_jobs: std::collections::HashMap<u64, MirrorJob> = Default::default();
+    let mut next_mirror = 1u64;
     let mut switchover_started: Option<Instant> = None;
     let mut downtime = None;
     let mut source_disks = Vec::with_capacity(disks.len());
@@ -155,10 +168,16 @@ pub async fn run_source(
     // One bucket shared by all data streams, so the cap holds for the connection.
     let rate_limit = Arc::new(Throttle::new());
     rate_limit.set_rate(options.rate_limit_bytes_per_s.unwrap_or(0));
+    let mut machine = SourceMigration::new(options.config, source_disks);
     let mut data_tx = Vec::new();
     let mut writers = Vec::new();
-    for _ in 0..options.config.data_streams {
+    for index in 0..machine.data_streams() {
         let stream = connection.open_uni().await.map_err(|e| transport(&e))?;
+        if machine.mirror_stream() == Some(index) {
+            // Mirrored guest writes go first: quinn sends higher-priority streams' data
+            // before others'.
+            let _ = stream.set_priority(1);
+        }
         let (tx, rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
         data_tx.push(tx);
         writers.push(tokio::spawn(write_data(
@@ -172,7 +191,6 @@ pub async fn run_source(
         )));
     }
 
-    let mut machine = SourceMigration::new(options.config, source_disks);
     let result = loop {
         while let Some(transmit) = machine.poll_transmit() {
             match transmit {
@@ -236,13 +254,18 @@ pub async fn run_source(
                 SourceEvent::BulkDone => tracing::info!("bulk pass sent"),
                 SourceEvent::Flushed => tracing::info!("target flushed"),
                 SourceEvent::ModeChanged {
+                    mirroring,
                     throttle_bytes_per_s,
                     ref reason,
                     dirty_bytes,
                     dirty_rate,
                     transfer_rate,
                 } => {
+                    for switch in &mirrors {
+                        switch.set_active(mirroring);
+                    }
                     tracing::warn!(
+                        mirroring,
                         throttle_mib_s = throttle_bytes_per_s as f64 / (1 << 20) as f64,
                         dirty_bytes,
                         dirty_mib_s = dirty_rate / (1 << 20) as f64,
@@ -283,6 +306,11 @@ pub async fn run_source(
                 ),
             }
         }
+        while let Some((token, mirrored)) = machine.poll_mirrored() {
+            if let Some(job) = mirror_jobs.remove(&token) {
+                job.finish(mirrored);
+            }
+        }
         if let Some(progress) = &progress {
             progress.send_replace(machine.progress());
         }
@@ -307,6 +335,13 @@ pub async fn run_source(
                 }
                 continue;
             }
+            Some(job) = mirror_rx.recv() => {
+                let token = next_mirror;
+                next_mirror += 1;
+                machine.handle_mirror(token, job.disk, job.range.clone());
+                mirror_jobs.insert(token, job);
+                continue;
+            }
             () = sleep_until(deadline), if deadline.is_some() => continue,
         };
         match input {
@@ -319,9 +354,21 @@ pub async fn run_source(
             Input::TransportFailed(message) => machine.handle_transport_failed(message),
         }
     };
-    // However it ended, the guest is no longer slowed down for the migration's sake.
+    // However it ended, the guest is no longer slowed down for the migration's sake, and
+    // its writes are tracked in the bitmap again; writes still waiting for a mirror are
+    // marked dirty and completed (I2).
     for throttle in &throttles {
         throttle.set_rate(0);
+    }
+    for switch in &mirrors {
+        switch.disconnect();
+    }
+    mirror_rx.close();
+    while let Ok(job) = mirror_rx.try_recv() {
+        job.finish(false);
+    }
+    for (_, job) in mirror_jobs.drain() {
+        job.finish(false);
     }
     // Flush a pending error frame to the target before closing.
     while let Some(Transmit::Control(message)) = machine.poll_transmit() {

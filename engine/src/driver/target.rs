@@ -6,6 +6,7 @@
 //! and the image was flushed. An image with a marker must never be used (invariant I4).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_blockdev::{BlockDevice, IoBuf, IoOp, OpenOptions};
@@ -58,6 +59,11 @@ enum Input {
     TransportFailed(String),
 }
 
+/// Runs once the images are durably marked complete (the migration committed), before the
+/// source is told: whatever it opens (an NBD export) is ready by the time the source's
+/// `commit` returns.
+pub type OnComplete = Arc<dyn Fn() + Send + Sync>;
+
 /// Accepts connections on `endpoint` until one migration into `images` completes or fails.
 ///
 /// Connections refused by TLS (a peer with another fingerprint) are logged and the endpoint
@@ -67,6 +73,16 @@ pub async fn serve_one(
     images: &[PathBuf],
     open: &OpenOptions,
 ) -> Result<TargetReport, MigrationError> {
+    serve_one_with(endpoint, images, open, None).await
+}
+
+/// [`serve_one`] with a hook that runs at commit (see [`OnComplete`]).
+pub async fn serve_one_with(
+    endpoint: &quinn::Endpoint,
+    images: &[PathBuf],
+    open: &OpenOptions,
+    on_complete: Option<OnComplete>,
+) -> Result<TargetReport, MigrationError> {
     loop {
         let Some(incoming) = endpoint.accept().await else {
             return Err(MigrationError::Transport("endpoint closed".into()));
@@ -75,7 +91,7 @@ pub async fn serve_one(
         match incoming.await {
             Ok(connection) => {
                 tracing::info!(%remote, "source connected");
-                return run_target(&connection, images, open).await;
+                return run_target_with(&connection, images, open, on_complete).await;
             }
             Err(e) => tracing::warn!(%remote, error = %e, "refused connection"),
         }
@@ -87,6 +103,16 @@ pub async fn run_target(
     connection: &quinn::Connection,
     images: &[PathBuf],
     open: &OpenOptions,
+) -> Result<TargetReport, MigrationError> {
+    run_target_with(connection, images, open, None).await
+}
+
+/// [`run_target`] with a hook that runs at commit (see [`OnComplete`]).
+pub async fn run_target_with(
+    connection: &quinn::Connection,
+    images: &[PathBuf],
+    open: &OpenOptions,
+    on_complete: Option<OnComplete>,
 ) -> Result<TargetReport, MigrationError> {
     let started = Instant::now();
     let transport = |e: &dyn std::fmt::Display| MigrationError::Transport(e.to_string());
@@ -168,6 +194,9 @@ pub async fn run_target(
 
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
     let (frame_tx, mut frame_rx) = mpsc::channel::<(u16, Frame)>(FRAME_QUEUE);
+    // The last stream of a live migration carries mirrored guest writes: its frames get their
+    // own queue, taken first, so a waiting guest write never queues behind bulk frames.
+    let (priority_tx, mut priority_rx) = mpsc::channel::<(u16, Frame)>(FRAME_QUEUE);
     tokio::spawn(super::read_control(
         connection.clone(),
         control_reader,
@@ -179,10 +208,12 @@ pub async fn run_target(
         connection.clone(),
         hello.data_streams,
         frame_tx,
+        priority_tx,
         input_tx.clone(),
     ));
 
     let mut frames_open = true;
+    let mut priority_open = true;
     let result = loop {
         while let Some(message) = machine.poll_transmit() {
             if let Err(e) = control.send(message.encode()).await {
@@ -190,7 +221,7 @@ pub async fn run_target(
             }
         }
         while let Some(io) = machine.poll_io() {
-            perform(&devices, images, io, &input_tx);
+            perform(&devices, images, io, &input_tx, &on_complete);
         }
         let mut finished = None;
         while let Some(event) = machine.poll_event() {
@@ -203,6 +234,11 @@ pub async fn run_target(
             break result;
         }
         tokio::select! {
+            biased;
+            frame = priority_rx.recv(), if priority_open && machine.can_accept_priority_frame() => match frame {
+                Some((stream, frame)) => machine.handle_frame(stream, frame),
+                None => priority_open = false,
+            },
             input = input_rx.recv() => match input.expect("the driver holds a sender") {
                 Input::IoDone(token) => machine.handle_io_done(token),
                 Input::IoFailed { token, disk, message } => machine.handle_io_failed(token, disk, message),
@@ -256,6 +292,7 @@ fn perform(
     images: &[PathBuf],
     io: TargetIo,
     tx: &mpsc::UnboundedSender<Input>,
+    on_complete: &Option<OnComplete>,
 ) {
     let done = |token: u64, disk: u32| {
         let tx = tx.clone();
@@ -317,9 +354,15 @@ fn perform(
         TargetIo::MarkComplete { token } => {
             let images = images.to_vec();
             let tx = tx.clone();
+            let on_complete = on_complete.clone();
             tokio::task::spawn_blocking(move || {
                 let input = match mark_complete(&images) {
-                    Ok(()) => Input::IoDone(token),
+                    Ok(()) => {
+                        if let Some(hook) = on_complete {
+                            hook();
+                        }
+                        Input::IoDone(token)
+                    }
                     Err(message) => Input::IoFailed {
                         token,
                         disk: 0,
@@ -415,8 +458,10 @@ async fn accept_data_streams(
     connection: quinn::Connection,
     streams: u16,
     frames: mpsc::Sender<(u16, Frame)>,
+    priority: mpsc::Sender<(u16, Frame)>,
     failed: mpsc::UnboundedSender<Input>,
 ) {
+    let mut priority = Some(priority);
     for index in 0..streams {
         let stream = match connection.accept_uni().await {
             Ok(stream) => stream,
@@ -425,7 +470,11 @@ async fn accept_data_streams(
                 return;
             }
         };
-        let frames = frames.clone();
+        let frames = if index + 1 == streams {
+            priority.take().expect("one last stream")
+        } else {
+            frames.clone()
+        };
         let failed = failed.clone();
         tokio::spawn(async move {
             let mut reader = FrameReader::new(stream);
