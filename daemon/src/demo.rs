@@ -52,9 +52,11 @@ pub(crate) struct Args {
     /// case for the storage downtime: the pass that converged is still in flight).
     #[arg(long, default_value_t = 300)]
     memory_precopy_ms: u64,
-    /// `auto` throttles the guest when it dirties data faster than the link moves it (every
-    /// change is logged with its numbers); `background` only re-sends and reports that it
-    /// cannot converge, then (in this demo) pauses the guest and switches over anyway.
+    /// `auto`, when the guest dirties data faster than the link moves it, first mirrors its
+    /// writes synchronously, then throttles it if that is not enough (every change is logged
+    /// with its numbers); `active` mirrors every write from the start (a write completes
+    /// once it is on the target); `background` only re-sends and reports that it cannot
+    /// converge, then (in this demo) pauses the guest and switches over anyway.
     #[arg(long, default_value = "auto")]
     mode: LiveMode,
     /// Cap the copy's bandwidth on the wire, in MiB/s.
@@ -87,6 +89,10 @@ struct DemoSummary {
     guest_write_mib_s: f64,
     /// `null` in JSON for an unpaced guest.
     guest_write_mib_s_intended: f64,
+    /// The guest's write latency while migrating (submission to completion; in active mode
+    /// a write completes only once it is on the target).
+    guest_write_latency_p50_us: u32,
+    guest_write_latency_p99_us: u32,
     converged_after_s: Option<f64>,
     mode_changes: u32,
     verified: bool,
@@ -98,7 +104,8 @@ struct Guest {
     stop: Arc<AtomicBool>,
     bytes: Arc<AtomicU64>,
     writes: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+    /// Each thread returns its write latencies (µs), submission to completion.
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<Vec<u32>>>>,
 }
 
 impl Guest {
@@ -116,6 +123,7 @@ impl Guest {
                 .spawn(move || {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(42 + index as u64);
                     let mut mine = 0u64;
+                    let mut latencies = Vec::new();
                     let started = Instant::now();
                     let blocks = disk.size() / 4096;
                     while !stop.load(Ordering::Acquire) && blocks > 16 {
@@ -123,7 +131,10 @@ impl Guest {
                         let offset = rng.random_range(0..blocks - len / 4096) * 4096;
                         let mut data = vec![0u8; len as usize];
                         rng.fill_bytes(&mut data);
+                        let submitted = Instant::now();
                         disk.write_blocking(offset, IoBuf::from_slice(&data))?;
+                        latencies
+                            .push(submitted.elapsed().as_micros().min(u32::MAX as u128) as u32);
                         bytes.fetch_add(len, Ordering::Relaxed);
                         writes.fetch_add(1, Ordering::Relaxed);
                         mine += len;
@@ -136,7 +147,7 @@ impl Guest {
                             }
                         }
                     }
-                    Ok(())
+                    Ok(latencies)
                 })
                 .expect("spawn a guest thread")
         });
@@ -150,32 +161,58 @@ impl Guest {
     }
 
     /// Pauses the guest: returns once its last write completed (and was marked).
-    fn pause(self) -> anyhow::Result<(u64, u64)> {
+    fn pause(self) -> anyhow::Result<GuestStats> {
         self.stop.store(true, Ordering::Release);
+        let mut latencies = Vec::new();
         for thread in self.threads {
-            thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
+            latencies.extend(
+                thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("guest thread panicked"))??,
+            );
         }
-        Ok((
-            self.bytes.load(Ordering::Relaxed),
-            self.writes.load(Ordering::Relaxed),
-        ))
+        latencies.sort_unstable();
+        Ok(GuestStats {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            latencies,
+            paused_at: Duration::ZERO,
+        })
+    }
+}
+
+/// What the guest did until it was paused.
+#[derive(Debug, Default)]
+struct GuestStats {
+    bytes: u64,
+    writes: u64,
+    /// Write latencies in µs, sorted.
+    latencies: Vec<u32>,
+    /// When it was paused, from the demo's start.
+    paused_at: Duration,
+}
+
+impl GuestStats {
+    /// The `q` quantile of the write latency in µs (0 without writes).
+    fn latency_us(&self, q: f64) -> u32 {
+        if self.latencies.is_empty() {
+            return 0;
+        }
+        let index = ((self.latencies.len() - 1) as f64 * q).round() as usize;
+        self.latencies[index]
     }
 }
 
 /// Pauses the guest, if there is one (as a VMM pauses its vCPUs and drains their IO), and
 /// returns its bytes and writes so far and when it was paused.
-async fn pause(
-    guest: Option<Guest>,
-    started: Instant,
-) -> anyhow::Result<Option<(u64, u64, Duration)>> {
+async fn pause(guest: Option<Guest>, started: Instant) -> anyhow::Result<Option<GuestStats>> {
     let Some(guest) = guest else {
         return Ok(None);
     };
     let paused_at = started.elapsed();
-    let (bytes, writes) = tokio::task::spawn_blocking(move || guest.pause()).await??;
-    Ok(Some((bytes, writes, paused_at)))
+    let mut stats = tokio::task::spawn_blocking(move || guest.pause()).await??;
+    stats.paused_at = paused_at;
+    Ok(Some(stats))
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
@@ -263,7 +300,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             let mut guest = guest;
             let mut converged_at = None;
             let mut mode_changes = 0u32;
-            let mut guest_result = (0, 0, started.elapsed());
+            let mut guest_result = GuestStats {
+                paused_at: started.elapsed(),
+                ..GuestStats::default()
+            };
             while let Some(event) = event_rx.recv().await {
                 match event {
                     SourceEvent::ModeChanged {
@@ -348,8 +388,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         anyhow::Ok((summary, report, converged_at, guest, mode_changes))
     })?;
     let total = started.elapsed();
-    let (summary, report, converged_at, (guest_bytes, guest_writes, guest_time), mode_changes) =
-        outcome;
+    let (summary, report, converged_at, guest, mode_changes) = outcome;
+    let (guest_bytes, guest_writes, guest_time) = (guest.bytes, guest.writes, guest.paused_at);
 
     let equal = files_equal(&source_image, &target_image)?;
     if incomplete_marker(&target_image).exists() {
@@ -373,6 +413,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         } else {
             args.rate
         },
+        guest_write_latency_p50_us: guest.latency_us(0.5),
+        guest_write_latency_p99_us: guest.latency_us(0.99),
         converged_after_s: converged_at.map(|d| d.as_secs_f64()),
         mode_changes,
         verified: summary.verified,
@@ -393,8 +435,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             demo.storage_downtime_ms
         );
         println!(
-            "  guest: {} writes, {:.1} MiB/s achieved of {:.1} MiB/s intended while migrating",
-            demo.guest_writes, demo.guest_write_mib_s, demo.guest_write_mib_s_intended
+            "  guest: {} writes, {:.1} MiB/s achieved of {:.1} MiB/s intended while migrating; write latency p50 {} µs, p99 {} µs",
+            demo.guest_writes,
+            demo.guest_write_mib_s,
+            demo.guest_write_mib_s_intended,
+            demo.guest_write_latency_p50_us,
+            demo.guest_write_latency_p99_us
         );
         println!(
             "  passes {}; mode changes {}; data {:.1} MiB, re-sent {:.1} MiB, on the wire {:.1} MiB",

@@ -38,7 +38,8 @@ pub(crate) struct Args {
     /// operator (`tern ctl SOCKET switchover commit=true`).
     #[arg(long, requires = "control")]
     no_switchover: bool,
-    /// With `--control`: `auto` (throttle a guest that outruns the link) or `background`.
+    /// With `--control`: `auto` (mirror, then throttle, a guest that outruns the link),
+    /// `active` (mirror every write from the start) or `background`.
     #[arg(long, requires = "control")]
     mode: Option<String>,
     /// With `--control`: the storage downtime budget in milliseconds.

@@ -17,8 +17,8 @@
 //! `Complete` → `Done`; any failure goes to `Failed`.
 //!
 //! Invariants (checked with `assert!`):
-//! - reads in flight ≤ `reads_in_flight_max` and queued transmit bytes stay near
-//!   `transmit_queue_bytes_max` (I6);
+//! - copy reads in flight ≤ `reads_in_flight_max`, mirror reads in flight ≤ the same again,
+//!   and queued transmit bytes stay near `transmit_queue_bytes_max` (I6);
 //! - every chunk of every disk is sent exactly once in the bulk pass, as data or as zeros;
 //! - generations are strictly increasing across all frames (I3 relies on it at the target).
 
@@ -953,7 +953,8 @@ impl SourceMigration {
 
     /// Issues mirror reads ahead of pass and bulk reads (a guest is waiting on each).
     fn plan_mirrors(&mut self) {
-        while self.reads.len() < self.config.reads_in_flight_max {
+        // Mirror reads have a window of their own, so a guest never waits for bulk reads.
+        while self.mirror_reads.len() < self.config.reads_in_flight_max {
             let Some((mirror, disk, range)) = self.mirror_queue.pop_front() else {
                 break;
             };
@@ -985,11 +986,14 @@ impl SourceMigration {
         });
         state.reads_left -= 1;
         if state.reads_left == 0 {
+            // Ahead of queued bulk frames, like the mirror's own frames: the guest waits.
             let ranges = state.ranges.clone();
-            self.push_transmit(Transmit::Control(Control::MirrorRequest {
+            let request = Transmit::Control(Control::MirrorRequest {
                 token: mirror,
                 ranges,
-            }));
+            });
+            self.transmit_bytes += request.queued_bytes();
+            self.transmit.push_front(request);
         }
     }
 
@@ -1029,7 +1033,7 @@ impl SourceMigration {
         if self.phase != Phase::Bulk {
             return;
         }
-        while self.reads.len() < self.config.reads_in_flight_max
+        while self.copy_reads_in_flight() < self.config.reads_in_flight_max
             && self.transmit_bytes < self.config.transmit_queue_bytes_max
             && self.bulk_disk < self.disks.len()
         {
@@ -1067,7 +1071,8 @@ impl SourceMigration {
                 len: (range.end - range.start) as u32,
             });
         }
-        assert!(self.reads.len() <= self.config.reads_in_flight_max);
+        assert!(self.copy_reads_in_flight() <= self.config.reads_in_flight_max);
+        assert!(self.mirror_reads.len() <= self.config.reads_in_flight_max);
         // A pass that needed no read (all holes) finishes here, not in a read completion.
         self.maybe_finish_bulk();
     }
@@ -1077,7 +1082,7 @@ impl SourceMigration {
         if !matches!(self.phase, Phase::Iterating | Phase::FinalPass) {
             return;
         }
-        while self.reads.len() < self.config.reads_in_flight_max
+        while self.copy_reads_in_flight() < self.config.reads_in_flight_max
             && self.transmit_bytes < self.config.transmit_queue_bytes_max
         {
             let Some((disk, range)) = self.dirty_queue.pop_front() else {

@@ -268,6 +268,42 @@ mod tests {
     }
 
     #[test]
+    fn in_active_mode_a_write_completes_only_when_its_mirror_finishes() {
+        let (device, _faults) = BlockDevice::memory(1 << 20);
+        let disk = TrackedDisk::new(device, 4096).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        disk.mirror().connect(3, tx);
+        disk.mirror().set_active(true);
+        let writer = {
+            let disk = disk.clone();
+            std::thread::spawn(move || disk.write_blocking(8192, IoBuf::from_slice(&[7; 100])))
+        };
+        // The write is on the source disk and waits for its mirror.
+        let job = rx.blocking_recv().expect("a mirror job");
+        assert_eq!((job.disk, job.range.clone()), (3, 8192..8292));
+        assert!(!writer.is_finished());
+        job.finish(true);
+        writer.join().unwrap().unwrap();
+        // Mirrored: not dirty.
+        assert!(disk.bitmap().harvest().is_empty());
+
+        // Not mirrored (or dropped by a migration that ended): marked dirty, then completed.
+        let writer = {
+            let disk = disk.clone();
+            std::thread::spawn(move || disk.write_blocking(0, IoBuf::from_slice(&[1; 10])))
+        };
+        drop(rx.blocking_recv().expect("a mirror job"));
+        writer.join().unwrap().unwrap();
+        assert_eq!(disk.bitmap().harvest(), vec![0..1]);
+
+        // Disconnected: back to marking.
+        disk.mirror().disconnect();
+        disk.write_blocking(4096, IoBuf::from_slice(&[2; 10]))
+            .unwrap();
+        assert_eq!(disk.bitmap().harvest(), vec![1..2]);
+    }
+
+    #[test]
     fn a_failed_write_still_marks() {
         let (device, faults) = BlockDevice::memory(1 << 20);
         faults.fail_next(

@@ -83,3 +83,16 @@ fn background_reports_that_a_fast_guest_does_not_converge() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("target equals source"), "{stdout}");
 }
+
+#[test]
+fn active_mode_mirrors_every_guest_write_and_ends_byte_for_byte_equal() {
+    let summary = demo(&["--size", "64M", "--rate", "32", "--mode", "active"]);
+    assert_eq!(summary["verified"], true, "{summary}");
+    assert_eq!(summary["target_matches_source"], true, "{summary}");
+    assert!(summary["guest_writes"].as_u64().unwrap() > 0, "{summary}");
+    // Active mode is announced as a mode change, and latencies are reported.
+    assert!(summary["mode_changes"].as_u64().unwrap() >= 1, "{summary}");
+    let p50 = summary["guest_write_latency_p50_us"].as_u64().unwrap();
+    let p99 = summary["guest_write_latency_p99_us"].as_u64().unwrap();
+    assert!(p50 > 0 && p99 >= p50, "{summary}");
+}

@@ -203,36 +203,31 @@ pub async fn run_source(
                     if data_tx[stream as usize].send(data).await.is_err() {
                         machine.handle_transport_failed("data stream writer stopped".into());
                     }
+                    // Sending a long queue can take a while (the writers' queues are short):
+                    // meanwhile, guest writes waiting for a mirror are taken and their reads
+                    // submitted, so they do not wait for the whole queue.
+                    while let Ok(job) = mirror_rx.try_recv() {
+                        let token = next_mirror;
+                        next_mirror += 1;
+                        machine.handle_mirror(token, job.disk, job.range.clone());
+                        mirror_jobs.insert(token, job);
+                    }
+                    submit_reads(&mut machine, &devices, &input_tx);
+                    if !mirror_jobs.is_empty() {
+                        // Mirror reads and acks that completed meanwhile move on too.
+                        while let Ok(input) = input_rx.try_recv() {
+                            handle_input(&mut machine, input);
+                        }
+                        while let Some((token, mirrored)) = machine.poll_mirrored() {
+                            if let Some(job) = mirror_jobs.remove(&token) {
+                                job.finish(mirrored);
+                            }
+                        }
+                    }
                 }
             }
         }
-        while let Some(read) = machine.poll_io() {
-            let device = &devices[read.disk as usize];
-            let buf = device.alloc_buf(read.len as usize);
-            let tx = input_tx.clone();
-            let token = read.token;
-            device.submit(
-                IoOp::Read {
-                    offset: read.offset,
-                    buf,
-                },
-                Box::new(move |completion| {
-                    let input = match (completion.result, completion.op) {
-                        (Ok(_), IoOp::Read { buf, .. }) => Input::ReadDone {
-                            token,
-                            data: Bytes::from_owner(buf),
-                        },
-                        (Err(e), _) => Input::ReadFailed {
-                            token,
-                            message: e.to_string(),
-                        },
-                        (Ok(_), _) => unreachable!("a read completes as a read"),
-                    };
-                    // The receiver is gone only when the driver already returned.
-                    let _ = tx.send(input);
-                }),
-            );
-        }
+        submit_reads(&mut machine, &devices, &input_tx);
         if machine.wants_dirty(Instant::now()) {
             let dirty = bitmaps
                 .iter()
@@ -344,15 +339,7 @@ pub async fn run_source(
             }
             () = sleep_until(deadline), if deadline.is_some() => continue,
         };
-        match input {
-            Input::ReadDone { token, data } => machine.handle_read_done(token, data),
-            Input::ReadFailed { token, message } => machine.handle_read_failed(token, message),
-            Input::Control(message) => {
-                tracing::debug!(?message, "control received");
-                machine.handle_control(message)
-            }
-            Input::TransportFailed(message) => machine.handle_transport_failed(message),
-        }
+        handle_input(&mut machine, input);
     };
     // However it ended, the guest is no longer slowed down for the migration's sake, and
     // its writes are tracked in the bitmap again; writes still waiting for a mirror are
@@ -391,6 +378,53 @@ pub async fn run_source(
         duration: started.elapsed(),
         downtime,
     })
+}
+
+fn handle_input(machine: &mut SourceMigration, input: Input) {
+    match input {
+        Input::ReadDone { token, data } => machine.handle_read_done(token, data),
+        Input::ReadFailed { token, message } => machine.handle_read_failed(token, message),
+        Input::Control(message) => {
+            tracing::debug!(?message, "control received");
+            machine.handle_control(message)
+        }
+        Input::TransportFailed(message) => machine.handle_transport_failed(message),
+    }
+}
+
+/// Submits the reads the machine asked for; their completions come back as inputs.
+fn submit_reads(
+    machine: &mut SourceMigration,
+    devices: &[BlockDevice],
+    input_tx: &mpsc::UnboundedSender<Input>,
+) {
+    while let Some(read) = machine.poll_io() {
+        let device = &devices[read.disk as usize];
+        let buf = device.alloc_buf(read.len as usize);
+        let tx = input_tx.clone();
+        let token = read.token;
+        device.submit(
+            IoOp::Read {
+                offset: read.offset,
+                buf,
+            },
+            Box::new(move |completion| {
+                let input = match (completion.result, completion.op) {
+                    (Ok(_), IoOp::Read { buf, .. }) => Input::ReadDone {
+                        token,
+                        data: Bytes::from_owner(buf),
+                    },
+                    (Err(e), _) => Input::ReadFailed {
+                        token,
+                        message: e.to_string(),
+                    },
+                    (Ok(_), _) => unreachable!("a read completes as a read"),
+                };
+                // The receiver is gone only when the driver already returned.
+                let _ = tx.send(input);
+            }),
+        );
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
