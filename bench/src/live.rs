@@ -46,18 +46,27 @@ struct Case {
     name: &'static str,
     queue_depth: u32,
     unpaced: bool,
+    mode: &'static str,
 }
 
-const CASES: [Case; 2] = [
+const CASES: [Case; 3] = [
     Case {
         name: "paced writer, QD1, auto",
         queue_depth: 1,
         unpaced: false,
+        mode: "auto",
     },
     Case {
         name: "unpaced writer, QD8, auto",
         queue_depth: 8,
         unpaced: true,
+        mode: "auto",
+    },
+    Case {
+        name: "paced writer, QD1, active",
+        queue_depth: 1,
+        unpaced: false,
+        mode: "active",
     },
 ];
 
@@ -69,6 +78,8 @@ struct CaseResult {
     total_s: Option<Summary>,
     guest_mib_s: Option<Summary>,
     resent_mib: Option<Summary>,
+    latency_p50_us: Option<Summary>,
+    latency_p99_us: Option<Summary>,
 }
 
 /// Runs every case `runs` times, interleaved, and prints a Markdown report.
@@ -84,6 +95,8 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<()> {
             total_s: None,
             guest_mib_s: None,
             resent_mib: None,
+            latency_p50_us: None,
+            latency_p99_us: None,
         })
         .collect();
     let mut dropped = true;
@@ -96,6 +109,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<()> {
                 .args(["demo", "--json", "--size", &args.size])
                 .args(["--rate", &args.rate.to_string()])
                 .args(["--queue-depth", &case.queue_depth.to_string()])
+                .args(["--mode", case.mode])
                 .args(["--max-downtime-ms", &args.max_downtime_ms.to_string()])
                 .args(["--memory-precopy-ms", &args.memory_precopy_ms.to_string()])
                 .arg("--dir")
@@ -141,6 +155,8 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<()> {
         result.total_s = field(&result.runs, "total_s", 1.0);
         result.guest_mib_s = field(&result.runs, "guest_write_mib_s", 1.0);
         result.resent_mib = field(&result.runs, "bytes_resent", 1.0 / (1 << 20) as f64);
+        result.latency_p50_us = field(&result.runs, "guest_write_latency_p50_us", 1.0);
+        result.latency_p99_us = field(&result.runs, "guest_write_latency_p99_us", 1.0);
     }
     let mut report = format!(
         "# tern-bench live: {} image, {} runs per case, downtime budget {} ms, memory pre-copy {} ms, page cache {}\n\n",
@@ -154,19 +170,21 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<()> {
             "NOT dropped (no permission)"
         }
     );
-    report.push_str("| case | downtime ms (median, min–max) | total s | guest MiB/s achieved | re-sent MiB |\n|---|---:|---:|---:|---:|\n");
+    report.push_str("| case | downtime ms (median, min–max) | total s | guest MiB/s achieved | re-sent MiB | write latency p50 µs | p99 µs |\n|---|---:|---:|---:|---:|---:|---:|\n");
     let cell = |s: &Option<Summary>| match s {
         Some(s) => format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max),
         None => "–".into(),
     };
     for result in &results {
         report.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             result.case.name,
             cell(&result.downtime_ms),
             cell(&result.total_s),
             cell(&result.guest_mib_s),
-            cell(&result.resent_mib)
+            cell(&result.resent_mib),
+            cell(&result.latency_p50_us),
+            cell(&result.latency_p99_us)
         ));
     }
     let paced = &results[0];
@@ -183,7 +201,7 @@ pub(crate) fn run(args: &LiveArgs) -> anyhow::Result<()> {
         if guest_ok { "PASS" } else { "FAIL" },
         results[1].runs.len(),
     ));
-    report.push_str("\nDowntime is `tern demo`'s storage downtime: from the switchover command (guest paused) to the verified handoff. The guest keeps writing during the stand-in memory pre-copy after convergence, then pauses. The guest rate is measured from the guest's start to its pause.\n");
+    report.push_str("\nDowntime is `tern demo`'s storage downtime: from the switchover command (guest paused) to the verified handoff. The guest keeps writing during the stand-in memory pre-copy after convergence, then pauses. The guest rate and the write latencies (submission to completion; in active mode a write completes once it is on the target) are measured from the guest's start to its pause.\n");
     std::fs::write(
         &args.out,
         serde_json::to_string_pretty(&serde_json::json!({"scenario": "live", "cases": results}))?
