@@ -5,6 +5,7 @@ mod copy;
 mod live;
 mod nbd;
 mod process;
+mod qemu;
 mod report;
 mod stats;
 
@@ -33,6 +34,7 @@ enum Command {
     /// Live migration through the daemon's NBD export (`tern export` → `tern serve
     /// --export-nbd`) with fio writing over NBD, driven by `tern ctl`: downtime, time to
     /// converge, and the guest's write rate and latency before and during the migration.
+    /// With `--peer qemu`, the same guest against QEMU's mirror too, interleaved.
     Nbd(nbd::NbdArgs),
 }
 

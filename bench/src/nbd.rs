@@ -6,7 +6,9 @@
 //! `switchover commit=true`. The guest's write rate and latency come from fio's per-IO latency
 //! log, split into the window before the migration and the window until convergence.
 //!
-//! This mirrors the QEMU method of `../shared/README.md` (the VM pauses 2 s after READY).
+//! This mirrors the QEMU method of `../shared/README.md` (the VM pauses 2 s after READY);
+//! `--peer qemu` runs that method too, with the same guest, after every Tern repetition
+//! (see [`crate::qemu`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,31 +21,32 @@ use serde::Serialize;
 
 use crate::copy::{Identity, MIX, default_tern, keygen, remove_target};
 use crate::process::{self, Guard, LineWatcher, run_timed};
+use crate::qemu;
 use crate::report::opt;
 use crate::stats::{Summary, percentile, summarize};
 
 /// Bound on `tern gen-image` and `qemu-img compare` of one image.
 const LONG_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Bound on a daemon getting ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on one `tern ctl` command other than `wait`.
 const CTL_TIMEOUT: Duration = Duration::from_secs(120);
 /// `tern ctl wait converged --timeout`, seconds.
-const CONVERGE_TIMEOUT_S: u64 = 600;
+pub(crate) const CONVERGE_TIMEOUT_S: u64 = 600;
 /// Bound on fio exiting after SIGINT (it writes its logs and its JSON first).
-const FIO_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const FIO_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on a daemon exiting after SIGTERM (it flushes its disks first).
-const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest writes before the migration starts (the "before" window).
-const BASELINE: Duration = Duration::from_secs(2);
+pub(crate) const BASELINE: Duration = Duration::from_secs(2);
 /// How long the guest keeps writing after convergence before it is stopped.
-const AFTER_CONVERGED: Duration = Duration::from_secs(2);
+pub(crate) const AFTER_CONVERGED: Duration = Duration::from_secs(2);
 /// The `tern serve` log line that says it listens.
 const SERVE_READY: &str = "waiting for the source";
 /// The `tern export` log line that says its NBD and control sockets are up.
 const EXPORT_READY: &str = "serving";
 /// The export name both daemons give the disk.
-const DISK: &str = "disk";
+pub(crate) const DISK: &str = "disk";
 /// `--write_lat_log` prefix; fio appends `_lat.log`, `_clat.log` and `_slat.log`.
 const LAT_PREFIX: &str = "lat";
 /// The log with the total latency of each IO (submission to completion), in ns.
@@ -75,7 +78,16 @@ pub(crate) struct NbdArgs {
     max_downtime_ms: u64,
     /// Page cache use of the source daemon (`tern export --cache`).
     #[arg(long, default_value = "writeback", value_parser = ["none", "writeback"])]
-    cache: String,
+    pub(crate) cache: String,
+    /// Also run the same guest against QEMU's mirror (`qemu-storage-daemon` source and target,
+    /// `blockdev-mirror` driven over QMP), in copy modes `background` and `write-blocking`,
+    /// interleaved with Tern in every repetition; writes `nbd-CASE-vs-qemu.md` and `.json`.
+    #[arg(long, value_parser = ["qemu"])]
+    peer: Option<String>,
+    /// Page cache use of QEMU's target image (`none`: cache.direct=on, like `tern serve`'s
+    /// O_DIRECT target; `writeback`: cache.direct=off). QEMU's source follows `--cache`.
+    #[arg(long, default_value = "none", value_parser = ["none", "writeback"])]
+    pub(crate) qemu_target_cache: String,
     /// Scratch directory for images, identities, sockets and fio's logs (not tmpfs: the
     /// target uses O_DIRECT).
     #[arg(long, default_value = "tern-bench-work")]
@@ -83,7 +95,7 @@ pub(crate) struct NbdArgs {
     /// Directory for the report (`nbd-CASE.md`, also printed) and the raw runs
     /// (`nbd-CASE.json`); CASE names the queue depth, rate and mode.
     #[arg(long, default_value = ".")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// The `tern` binary; by default the one next to this binary, else `tern` on PATH.
     #[arg(long)]
     tern: Option<PathBuf>,
@@ -95,12 +107,12 @@ pub(crate) struct NbdArgs {
 
 impl NbdArgs {
     /// The guest's intended rate in MiB/s, `None` when unpaced.
-    fn intended(&self) -> Option<f64> {
+    pub(crate) fn intended(&self) -> Option<f64> {
         (!self.unpaced).then_some(self.rate)
     }
 
     /// A short name of the case, used in file names.
-    fn case_name(&self) -> String {
+    pub(crate) fn case_name(&self) -> String {
         let rate = match self.intended() {
             Some(rate) => format!("{rate}mibs"),
             None => "unpaced".to_owned(),
@@ -111,44 +123,44 @@ impl NbdArgs {
 
 /// The set-up of one `tern-bench nbd` invocation, as recorded in the JSON.
 #[derive(Clone, Debug, Serialize)]
-struct NbdConfig {
+pub(crate) struct NbdConfig {
     /// Virtual size of the image in bytes.
-    size_bytes: u64,
+    pub(crate) size_bytes: u64,
     /// Repetitions.
-    reps: u32,
+    pub(crate) reps: u32,
     /// `tern gen-image --mix` (the seed is the repetition number).
-    mix: String,
+    pub(crate) mix: String,
     /// The guest's intended rate, MiB/s (`None`: unpaced).
-    rate_mib_s: Option<f64>,
+    pub(crate) rate_mib_s: Option<f64>,
     /// fio `--iodepth`.
-    queue_depth: u32,
+    pub(crate) queue_depth: u32,
     /// `migrate mode=`.
-    mode: String,
+    pub(crate) mode: String,
     /// `migrate max-downtime-ms=`.
-    max_downtime_ms: u64,
+    pub(crate) max_downtime_ms: u64,
     /// `tern export --cache`.
-    cache: String,
+    pub(crate) cache: String,
     /// The guest's command line (DIR stands for the scratch directory).
-    fio_cmd: String,
+    pub(crate) fio_cmd: String,
     /// `fio --version`.
-    fio_version: String,
+    pub(crate) fio_version: String,
     /// The tern binary used.
-    tern: String,
+    pub(crate) tern: String,
 }
 
 /// Write throughput and latency of the guest in one time window, from fio's latency log.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-struct Window {
+pub(crate) struct Window {
     /// Length of the window, seconds.
-    seconds: f64,
+    pub(crate) seconds: f64,
     /// Writes that completed in the window.
-    writes: usize,
+    pub(crate) writes: usize,
     /// MiB written by those writes, per second of the window.
-    mib_s: f64,
+    pub(crate) mib_s: f64,
     /// Median total write latency (submission to completion), µs.
-    p50_us: Option<f64>,
+    pub(crate) p50_us: Option<f64>,
     /// 99th percentile of the total write latency, µs.
-    p99_us: Option<f64>,
+    pub(crate) p99_us: Option<f64>,
 }
 
 /// One completed IO from fio's latency log.
@@ -164,49 +176,49 @@ struct Sample {
 
 /// One repetition.
 #[derive(Clone, Debug, Serialize)]
-struct RunRecord {
+pub(crate) struct RunRecord {
     /// Repetition, from 1 (also the image's seed).
-    rep: u32,
+    pub(crate) rep: u32,
     /// Whether the page cache was dropped before the daemons started.
-    caches_dropped: bool,
+    pub(crate) caches_dropped: bool,
     /// From `migrate` to the end of the commit, as the daemon measures it (`total-time-s`);
     /// includes the 2 s the guest keeps writing after convergence and stopping it.
-    total_s: f64,
+    pub(crate) total_s: f64,
     /// From just before `tern ctl migrate` to the return of `tern ctl wait converged`.
-    converge_s: f64,
+    pub(crate) converge_s: f64,
     /// Storage downtime reported by `switchover` (hold → verified handoff).
-    downtime_ms: f64,
+    pub(crate) downtime_ms: f64,
     /// Whether the per-chunk digests matched (`switchover`'s `verified`).
-    verified: bool,
+    pub(crate) verified: bool,
     /// Virtual size migrated.
-    bytes_total: u64,
+    pub(crate) bytes_total: u64,
     /// Bytes sent over QUIC, after compression.
-    bytes_wire: u64,
+    pub(crate) bytes_wire: u64,
     /// Bytes sent again because the guest dirtied them.
-    bytes_resent: u64,
+    pub(crate) bytes_resent: u64,
     /// Passes over the dirty bitmap.
-    passes: u64,
+    pub(crate) passes: u64,
     /// The guest from its first write to the `migrate` command.
-    before: Window,
+    pub(crate) before: Window,
     /// The guest from the `migrate` command to convergence.
-    during: Window,
+    pub(crate) during: Window,
     /// `during.mib_s` / intended rate (paced guests only).
-    during_vs_intended: Option<f64>,
+    pub(crate) during_vs_intended: Option<f64>,
     /// `during.mib_s` / `before.mib_s`.
-    during_vs_before: Option<f64>,
+    pub(crate) during_vs_before: Option<f64>,
     /// Bytes fio wrote in the whole run (its JSON), a cross-check of the log.
-    fio_bytes_written: u64,
+    pub(crate) fio_bytes_written: u64,
     /// The guest's write rate in each second from its first write to its stop, MiB/s
     /// (second 0 starts at the first write).
-    timeline_mib_s: Vec<f64>,
+    pub(crate) timeline_mib_s: Vec<f64>,
     /// When the `migrate` command was sent, seconds after the guest's first write.
-    migrate_at_s: f64,
+    pub(crate) migrate_at_s: f64,
     /// The engine's `mode-changed` events (auto mode throttling the guest).
     mode_changes: Vec<ModeChange>,
     /// How long holding the NBD clients took at switchover (`switched-over` event), ms.
-    quiesce_ms: Option<f64>,
+    pub(crate) quiesce_ms: Option<f64>,
     /// `qemu-img compare` found the target equal to the source.
-    target_equal: bool,
+    pub(crate) target_equal: bool,
 }
 
 /// A `mode-changed` event: auto mode limited the guest's writes.
@@ -261,6 +273,7 @@ pub(crate) fn run(args: &NbdArgs) -> anyhow::Result<()> {
         target_id,
     };
     let mut runs = Vec::new();
+    let mut peer_runs = Vec::new();
     let mut size_bytes = 0;
     for rep in 1..=args.reps {
         eprintln!(
@@ -283,6 +296,28 @@ pub(crate) fn run(args: &NbdArgs) -> anyhow::Result<()> {
             record.verified
         );
         runs.push(record);
+        if args.peer.is_some() {
+            for mode in qemu::MODES {
+                eprintln!(
+                    "tern-bench: nbd {}: QEMU mirror ({mode}), repetition {rep}/{}",
+                    args.case_name(),
+                    args.reps
+                );
+                let record = qemu::run_one(&bench, rep, mode)?;
+                eprintln!(
+                    "tern-bench:   total {:.2} s, ready after {:.2} s, downtime {:.1} ms, guest {:.1} → {:.1} MiB/s, p99 {} → {} µs, identical {}",
+                    record.total_s,
+                    record.converge_s,
+                    record.downtime_ms,
+                    record.before.mib_s,
+                    record.during.mib_s,
+                    opt(record.before.p99_us, 0),
+                    opt(record.during.p99_us, 0),
+                    record.target_equal
+                );
+                peer_runs.push(record);
+            }
+        }
     }
     let config = NbdConfig {
         size_bytes,
@@ -317,6 +352,9 @@ pub(crate) fn run(args: &NbdArgs) -> anyhow::Result<()> {
         report_path.display(),
         json_path.display()
     );
+    if args.peer.is_some() {
+        qemu::report(args, &config, &runs, &peer_runs)?;
+    }
     Ok(())
 }
 
@@ -363,7 +401,7 @@ fn fio_command_line(args: &NbdArgs, dir: &Path, size_bytes: u64) -> String {
 }
 
 /// Milliseconds since the Unix epoch, now.
-fn now_unix_ms() -> f64 {
+pub(crate) fn now_unix_ms() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -372,18 +410,18 @@ fn now_unix_ms() -> f64 {
 }
 
 /// Bytes in MiB.
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
 /// Shared state of the repetitions.
-struct Bench<'a> {
+pub(crate) struct Bench<'a> {
     /// The `tern` binary.
     tern: PathBuf,
     /// Scratch directory (absolute).
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// The options.
-    args: &'a NbdArgs,
+    pub(crate) args: &'a NbdArgs,
     /// The source daemon's identity.
     source_id: Identity,
     /// The target's identity.
@@ -411,8 +449,10 @@ impl Bench<'_> {
     }
 
     /// Removes the scratch files of one repetition.
-    fn clean(&self) -> anyhow::Result<()> {
-        for name in ["src.img", "src.nbd", "dst.nbd", "ctl.sock", "fio.json"] {
+    pub(crate) fn clean(&self) -> anyhow::Result<()> {
+        for name in [
+            "src.img", "src.nbd", "dst.nbd", "ctl.sock", "fio.json", "src.qmp", "dst.qmp",
+        ] {
             remove_target(&self.dir.join(name))?;
         }
         for suffix in ["lat", "clat", "slat"] {
@@ -429,19 +469,7 @@ impl Bench<'_> {
         let source = dir.join("src.img");
         let target = dir.join("dst.img");
         let control = dir.join("ctl.sock");
-        run_timed(
-            "tern gen-image",
-            self.tern()
-                .arg("gen-image")
-                .arg("--out")
-                .arg(&source)
-                .args(["--size", &args.size, "--mix", MIX, "--seed"])
-                .arg(rep.to_string())
-                .arg("--sync"),
-            LONG_TIMEOUT,
-        )?
-        .check("tern gen-image")?;
-        let size_bytes = fs::metadata(&source)?.len();
+        let size_bytes = self.gen_image(rep)?;
         let caches_dropped = process::drop_caches();
 
         // Target first: it must listen before the source connects.
@@ -508,20 +536,7 @@ impl Bench<'_> {
         );
         let events_out = process::drain(events.child_mut().stdout.take());
 
-        let mut fio = Guard::spawn(
-            "fio",
-            Command::new("fio").args(fio_args(args, dir, size_bytes)),
-            Stdio::piped(),
-        )?;
-        let mut fio_log = LineWatcher::new(fio.child_mut().stderr.take().context("fio stderr")?);
-        thread::sleep(BASELINE);
-        if let Some(status) = fio.wait_timeout(Duration::ZERO)? {
-            fio_log.collect();
-            bail!(
-                "fio exited with {status} before the migration: {}",
-                fio_log.tail()
-            );
-        }
+        let (mut fio, mut fio_log) = self.start_guest(size_bytes)?;
 
         // The migration, step by step, as an operator would drive it.
         let steps = (|| -> anyhow::Result<(f64, f64, f64, serde_json::Value)> {
@@ -591,21 +606,13 @@ impl Bench<'_> {
             );
         }
 
-        let fio_bytes_written = fio_written(&dir.join("fio.json"))?;
-        let log_path = dir.join(LAT_LOG);
-        let log = fs::read_to_string(&log_path)
-            .with_context(|| format!("read fio's latency log {}", log_path.display()))?;
-        let samples = parse_lat_log(&log)?;
-        let start_ms = samples
-            .iter()
-            .map(|s| s.time_ms - s.latency_ns / 1e6)
-            .fold(f64::INFINITY, f64::min);
-        if !start_ms.is_finite() || start_ms >= t0_ms {
-            bail!("fio logged no write before the migration started");
-        }
-        let before = window(&samples, start_ms, t0_ms, false);
-        let timeline_mib_s = timeline(&samples, start_ms);
-        let during = window(&samples, t0_ms, t1_ms, true);
+        let Guest {
+            before,
+            during,
+            timeline_mib_s,
+            migrate_at_s,
+            fio_bytes_written,
+        } = self.guest(t0_ms, t1_ms)?;
         let number = |key: &str| {
             switchover[key]
                 .as_f64()
@@ -633,21 +640,104 @@ impl Bench<'_> {
             during,
             fio_bytes_written,
             timeline_mib_s,
-            migrate_at_s: (t0_ms - start_ms) / 1e3,
+            migrate_at_s,
             mode_changes,
             quiesce_ms,
             target_equal,
         };
-        if args.keep_logs {
-            for name in [LAT_LOG, "fio.json"] {
-                let kept = dir.join(format!("rep-{rep}-{name}"));
-                fs::rename(dir.join(name), &kept)
-                    .with_context(|| format!("keep {}", kept.display()))?;
-            }
-        }
+        self.keep_logs(&format!("rep-{rep}"))?;
         self.clean()?;
         Ok((record, size_bytes))
     }
+
+    /// `tern gen-image` of the source image for repetition `rep` (its seed); returns its size.
+    pub(crate) fn gen_image(&self, rep: u32) -> anyhow::Result<u64> {
+        let source = self.dir.join("src.img");
+        run_timed(
+            "tern gen-image",
+            self.tern()
+                .arg("gen-image")
+                .arg("--out")
+                .arg(&source)
+                .args(["--size", &self.args.size, "--mix", MIX, "--seed"])
+                .arg(rep.to_string())
+                .arg("--sync"),
+            LONG_TIMEOUT,
+        )?
+        .check("tern gen-image")?;
+        Ok(fs::metadata(&source)?.len())
+    }
+
+    /// Starts fio writing through `src.nbd` and lets it write for the baseline window; fails
+    /// if it stops meanwhile.
+    pub(crate) fn start_guest(&self, size_bytes: u64) -> anyhow::Result<(Guard, LineWatcher)> {
+        let mut fio = Guard::spawn(
+            "fio",
+            Command::new("fio").args(fio_args(self.args, &self.dir, size_bytes)),
+            Stdio::piped(),
+        )?;
+        let mut fio_log = LineWatcher::new(fio.child_mut().stderr.take().context("fio stderr")?);
+        thread::sleep(BASELINE);
+        if let Some(status) = fio.wait_timeout(Duration::ZERO)? {
+            fio_log.collect();
+            bail!(
+                "fio exited with {status} before the migration: {}",
+                fio_log.tail()
+            );
+        }
+        Ok((fio, fio_log))
+    }
+
+    /// What the stopped guest did, from fio's JSON and latency log: the window before
+    /// `t0_ms` and the window `t0_ms` → `t1_ms` (Unix ms).
+    pub(crate) fn guest(&self, t0_ms: f64, t1_ms: f64) -> anyhow::Result<Guest> {
+        let fio_bytes_written = fio_written(&self.dir.join("fio.json"))?;
+        let log_path = self.dir.join(LAT_LOG);
+        let log = fs::read_to_string(&log_path)
+            .with_context(|| format!("read fio's latency log {}", log_path.display()))?;
+        let samples = parse_lat_log(&log)?;
+        let start_ms = samples
+            .iter()
+            .map(|s| s.time_ms - s.latency_ns / 1e6)
+            .fold(f64::INFINITY, f64::min);
+        if !start_ms.is_finite() || start_ms >= t0_ms {
+            bail!("fio logged no write before the migration started");
+        }
+        Ok(Guest {
+            before: window(&samples, start_ms, t0_ms, false),
+            during: window(&samples, t0_ms, t1_ms, true),
+            timeline_mib_s: timeline(&samples, start_ms),
+            migrate_at_s: (t0_ms - start_ms) / 1e3,
+            fio_bytes_written,
+        })
+    }
+
+    /// With `--keep-logs`, keeps fio's latency log and JSON as `PREFIX-lat_lat.log` and
+    /// `PREFIX-fio.json`.
+    pub(crate) fn keep_logs(&self, prefix: &str) -> anyhow::Result<()> {
+        if self.args.keep_logs {
+            for name in [LAT_LOG, "fio.json"] {
+                let kept = self.dir.join(format!("{prefix}-{name}"));
+                fs::rename(self.dir.join(name), &kept)
+                    .with_context(|| format!("keep {}", kept.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the guest did in one run.
+pub(crate) struct Guest {
+    /// From its first write to the migration's start.
+    pub(crate) before: Window,
+    /// From the migration's start to convergence.
+    pub(crate) during: Window,
+    /// Its write rate in each second from its first write, MiB/s.
+    pub(crate) timeline_mib_s: Vec<f64>,
+    /// When the migration started, seconds after its first write.
+    pub(crate) migrate_at_s: f64,
+    /// Bytes fio reports written.
+    pub(crate) fio_bytes_written: u64,
 }
 
 /// Bytes fio reports written, from its JSON output; fails if the job reports an error.
