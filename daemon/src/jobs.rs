@@ -61,6 +61,9 @@ enum Phase {
     SwitchingOver,
     SwitchedOver,
     Committing,
+    /// The commit was sent but its confirmation never came: the target may or may not be
+    /// authoritative. The exports stay held (no split brain) until an operator decides.
+    CommitInDoubt,
     Committed,
     Failed,
     RolledBack,
@@ -75,6 +78,7 @@ impl Phase {
             Phase::SwitchingOver => "switching-over",
             Phase::SwitchedOver => "switched-over",
             Phase::Committing => "committing",
+            Phase::CommitInDoubt => "commit-in-doubt",
             Phase::Committed => "committed",
             Phase::Failed => "failed",
             Phase::RolledBack => "rolled-back",
@@ -175,8 +179,9 @@ impl Jobs {
                 self.commit(args.string("migration")?).await
             }
             "rollback" | "cancel" => {
-                let args = Args::new(arguments, &["migration"])?;
-                self.abandon(args.string("migration")?, command == "cancel")
+                let args = Args::new(arguments, &["migration", "force"])?;
+                let force = args.parse::<bool>("force")?.unwrap_or(false);
+                self.abandon(args.string("migration")?, command == "cancel", force)
                     .await
             }
             "set-bandwidth" => {
@@ -434,8 +439,15 @@ impl Jobs {
         {
             let mut jobs = self.lock();
             let Some(job) = jobs.get_mut(id) else { return };
-            if !job.phase.active() {
-                return; // already failed, rolled back or cancelled
+            if !job.phase.active() || job.phase == Phase::CommitInDoubt {
+                return; // already ended, or in doubt (reported by commit)
+            }
+            if job.phase == Phase::SwitchedOver {
+                // Failed after the handoff, before commit: the source stays authoritative
+                // and the held IO goes on against it.
+                for export in self.exports_of(&job.disks) {
+                    export.release();
+                }
             }
             job.phase = Phase::Failed;
             job.error = Some(error.clone());
@@ -600,15 +612,26 @@ impl Jobs {
                 Ok(data)
             }
             Err(error) => {
-                // The target did not confirm; the source stays authoritative and its IO
-                // resumes. The target's image keeps its incomplete marker unless the
-                // confirmation was lost after the target committed (see RELIABILITY.md).
-                for export in &exports {
-                    export.release();
-                }
+                // The commit was sent but not confirmed: the target may have committed (and
+                // opened its export) or not. Resuming IO here could make two authoritative
+                // copies, so the exports stay held until an operator checks the target — an
+                // image without `IMAGE.tern-incomplete` there means it committed — and then
+                // runs `rollback force=true` (target did not commit) or stops this daemon.
+                job.phase = Phase::CommitInDoubt;
+                job.error = Some(error.to_string());
                 drop(jobs);
-                let desc = format!("commit failed, IO resumed on the source: {error}");
-                self.mark_failed(&id, desc.clone());
+                self.errors_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let desc = format!(
+                    "commit outcome unknown ({error}); the source exports stay held: check the \
+                     target (no IMAGE.tern-incomplete = committed), then `rollback force=true` \
+                     if it did not commit"
+                );
+                self.emit(
+                    "failed",
+                    json!({ "migration": id, "error": desc, "source-authoritative": null }),
+                );
+                let _ = exports;
                 Err(CtlError::new(ErrorClass::MigrationFailed, desc))
             }
         }
@@ -616,13 +639,20 @@ impl Jobs {
 
     /// `rollback` and `cancel`: abandon a migration before commit; the source stays
     /// authoritative and held IO resumes on it.
-    async fn abandon(self: &Arc<Self>, id: Option<String>, cancel: bool) -> CtlResult {
+    async fn abandon(self: &Arc<Self>, id: Option<String>, cancel: bool, force: bool) -> CtlResult {
         let (id, engine, exports) = {
             let mut jobs = self.lock();
             let id = Self::pick(&jobs, id)?;
             let job = jobs.get_mut(&id).expect("picked");
             match job.phase {
                 Phase::Migrating | Phase::Converged | Phase::SwitchedOver | Phase::Failed => {}
+                Phase::CommitInDoubt if force => {}
+                Phase::CommitInDoubt => {
+                    return Err(CtlError::state(format!(
+                        "migration {id}'s commit is in doubt: check the target, then use \
+                         force=true if it did not commit"
+                    )));
+                }
                 other => {
                     return Err(CtlError::state(format!(
                         "migration {id} is {}",
@@ -633,7 +663,7 @@ impl Jobs {
             let engine = std::mem::replace(&mut job.engine, Engine::Busy);
             (id, engine, self.exports_of(&job.disks))
         };
-        tokio::task::spawn_blocking(move || match engine {
+        let engine_result = tokio::task::spawn_blocking(move || match engine {
             Engine::Handoff(handoff) => handoff.rollback().map(|_| ()),
             // Dropping a running migration rolls it back and joins its thread.
             Engine::Running(migration) => {
@@ -642,12 +672,17 @@ impl Jobs {
             }
             Engine::Busy | Engine::Done => Ok(()),
         })
-        .await
-        .map_err(|e| CtlError::new(ErrorClass::GenericError, format!("rollback task: {e}")))?
-        .map_err(|e| CtlError::new(ErrorClass::MigrationFailed, e.to_string()))?;
+        .await;
+        // Whatever the engine said (a dead connection cannot roll back cleanly), nothing
+        // was committed: the source is authoritative and its IO goes on.
         for export in &exports {
             export.release();
         }
+        let note = match engine_result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("rollback task: {e}")),
+        };
         let phase = if cancel {
             Phase::Cancelled
         } else {
@@ -663,9 +698,9 @@ impl Jobs {
         }
         self.emit(
             phase.name(),
-            json!({ "migration": id, "source-authoritative": true }),
+            json!({ "migration": id, "source-authoritative": true, "note": note }),
         );
-        Ok(json!({ "migration": id }))
+        Ok(json!({ "migration": id, "note": note }))
     }
 
     /// Samples rates and emits a `progress` event per active migration; called every second.
@@ -742,7 +777,7 @@ impl Jobs {
             .map(|(k, _)| k.clone())
             .collect();
         for id in ids {
-            if let Err(e) = self.abandon(Some(id.clone()), true).await {
+            if let Err(e) = self.abandon(Some(id.clone()), true, false).await {
                 tracing::warn!(migration = %id, error = %e.desc, "cancel at shutdown");
             }
         }

@@ -507,6 +507,8 @@ pub struct SourceMigration {
     mirror_reads: HashMap<u64, u64>,
     /// Finished mirrors for the driver: (token, reached the target).
     mirrored: VecDeque<(u64, bool)>,
+    /// Switchover was asked for before the bulk pass ended.
+    switchover_pending: bool,
 }
 
 /// One mirrored guest write on its way to the target.
@@ -587,6 +589,7 @@ impl SourceMigration {
             mirrors: HashMap::new(),
             mirror_reads: HashMap::new(),
             mirrored: VecDeque::new(),
+            switchover_pending: false,
             progress: SourceProgress {
                 bytes_total,
                 phase: Phase::Handshake.name(),
@@ -617,8 +620,13 @@ impl SourceMigration {
         self.plan_mirrors();
         self.plan_bulk();
         self.plan_dirty();
-        let transmit = self.transmit.pop_front()?;
+        let mut transmit = self.transmit.pop_front()?;
         self.transmit_bytes -= transmit.queued_bytes();
+        if let Transmit::Control(Control::Barrier { frames, .. }) = &mut transmit {
+            // Mirror frames may have jumped ahead of frames the barrier was queued behind:
+            // count what was really handed out before it, which is exactly what it follows.
+            frames.clone_from(&self.frames_sent);
+        }
         match &transmit {
             Transmit::Data { stream, .. } | Transmit::Zero { stream, .. } => {
                 self.frames_sent[*stream as usize] += 1;
@@ -904,6 +912,12 @@ impl SourceMigration {
         // The target holds at most MIRROR_PENDING_MAX requests; past that (a guest with an
         // enormous queue) a write is tracked the passive way instead.
         let room = self.mirrors.len() < tern_transport::control::MIRROR_PENDING_MAX;
+        // One range per bulk block read; a write wider than a request may carry (a large
+        // discard, say) is tracked the passive way.
+        let blocks = self.disks.get(disk as usize).map_or(0, |_| {
+            range.end.div_ceil(BULK_READ_BYTES as u64) - range.start / BULK_READ_BYTES as u64
+        });
+        let room = room && blocks <= tern_transport::control::MIRROR_RANGES_MAX as u64;
         if !self.mirroring
             || !valid
             || !room
@@ -954,7 +968,9 @@ impl SourceMigration {
     /// Issues mirror reads ahead of pass and bulk reads (a guest is waiting on each).
     fn plan_mirrors(&mut self) {
         // Mirror reads have a window of their own, so a guest never waits for bulk reads.
-        while self.mirror_reads.len() < self.config.reads_in_flight_max {
+        while self.mirror_reads.len() < self.config.reads_in_flight_max
+            && self.transmit_bytes < 2 * self.config.transmit_queue_bytes_max
+        {
             let Some((mirror, disk, range)) = self.mirror_queue.pop_front() else {
                 break;
             };
@@ -1275,6 +1291,11 @@ impl SourceMigration {
     /// Live: the VM is paused and its in-flight IO drained, so no write marks the bitmaps any
     /// more. The machine asks for one last harvest, sends it, then flushes and verifies.
     pub fn start_switchover(&mut self) {
+        if matches!(self.phase, Phase::Handshake | Phase::Bulk) && self.config.live.is_some() {
+            // Too early: the final pass starts as soon as the bulk pass is done.
+            self.switchover_pending = true;
+            return;
+        }
         if self.phase != Phase::Iterating {
             return;
         }
@@ -1427,6 +1448,9 @@ impl SourceMigration {
             // What the guest wrote during the bulk pass is the first live pass: harvest as
             // soon as the driver can.
             self.set_phase(Phase::Iterating);
+            if std::mem::take(&mut self.switchover_pending) {
+                self.start_switchover();
+            }
             self.harvest_now = true;
             return;
         }

@@ -69,6 +69,8 @@ struct World {
     mirrored_writes: u64,
     /// The VMM paused the guest and switches over once its last writes completed.
     switchover_wanted: bool,
+    /// The VMM asks for the switchover during the bulk pass (the machine must defer it).
+    early_switchover: bool,
 }
 
 fn roundtrip(frame: &EncodedFrame) -> Frame {
@@ -166,6 +168,7 @@ impl World {
             .map(|d| DirtyBitmap::new(d.len() as u64, chunk_bytes).unwrap())
             .collect();
         let switchover_after_passes = rng.random_range(1..6);
+        let early_switchover = live && rng.random_range(0..8) == 0;
         let rollback = live && rng.random_range(0..8) == 0;
         // The target starts with garbage: zero ranges must really zero it.
         let target_disks = source_disks.iter().map(|d| vec![0xAA; d.len()]).collect();
@@ -208,6 +211,7 @@ impl World {
             next_mirror: 1,
             mirrored_writes: 0,
             switchover_wanted: false,
+            early_switchover,
         }
     }
 
@@ -262,6 +266,11 @@ impl World {
                 // Not on the target: tracked like any other write (I2).
                 self.bitmaps[disk].mark(range.start, range.end - range.start);
             }
+        }
+        if self.early_switchover && self.source.progress().phase == "bulk" {
+            self.early_switchover = false;
+            self.guest_active = false;
+            self.switchover_wanted = true;
         }
         if self.switchover_wanted && self.mirrors_pending.is_empty() {
             self.switchover_wanted = false;

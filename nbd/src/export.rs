@@ -195,6 +195,11 @@ impl Export {
         self.lock().access.clone()
     }
 
+    /// The backend, once attached (for a throttle reservation before admission).
+    pub fn backend(&self) -> Option<Arc<dyn Backend>> {
+        self.lock().backend.clone()
+    }
+
     /// Requests admitted and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.lock().in_flight

@@ -391,14 +391,17 @@ where
     }
 }
 
-/// A reply for the writer task.
+/// A reply for the writer task, with the request's share of the connection's budget: it is
+/// released only once the reply is written, so a client that does not read its socket
+/// cannot make the server queue unbounded read data.
 enum Reply {
     /// Bytes as they are.
-    Bytes(Vec<u8>),
+    Bytes(Vec<u8>, Option<OwnedSemaphorePermit>),
     /// A read reply: headers, each followed by a range of `buf` (or nothing).
     Read {
         buf: IoBuf,
         pieces: Vec<(Vec<u8>, Option<std::ops::Range<usize>>)>,
+        _permit: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -409,8 +412,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let mut writer = BufWriter::with_capacity(256 << 10, writer);
     while let Some(reply) = replies.recv().await {
         match reply {
-            Reply::Bytes(bytes) => writer.write_all(&bytes).await?,
-            Reply::Read { buf, pieces } => {
+            Reply::Bytes(bytes, _permit) => writer.write_all(&bytes).await?,
+            Reply::Read { buf, pieces, .. } => {
                 for (header, range) in pieces {
                     writer.write_all(&header).await?;
                     if let Some(range) = range {
@@ -432,6 +435,8 @@ struct Responder {
     cookie: u64,
     structured: bool,
     replies: mpsc::UnboundedSender<Reply>,
+    /// The request's budget share, handed to its reply.
+    permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl Responder {
@@ -442,7 +447,11 @@ impl Responder {
         } else {
             proto::simple_reply(0, self.cookie).to_vec()
         };
-        let _ = self.replies.send(Reply::Bytes(bytes));
+        let _ = self.replies.send(Reply::Bytes(bytes, self.take_permit()));
+    }
+
+    fn take_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permit.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     fn error(&self, error: u32, message: &str) {
@@ -451,7 +460,7 @@ impl Responder {
         } else {
             proto::simple_reply(error, self.cookie).to_vec()
         };
-        let _ = self.replies.send(Reply::Bytes(bytes));
+        let _ = self.replies.send(Reply::Bytes(bytes, self.take_permit()));
     }
 
     fn read(&self, offset: u64, buf: IoBuf, fragment: bool) {
@@ -493,7 +502,11 @@ impl Responder {
                 })
                 .collect()
         };
-        let _ = self.replies.send(Reply::Read { buf, pieces });
+        let _ = self.replies.send(Reply::Read {
+            buf,
+            pieces,
+            _permit: self.take_permit(),
+        });
     }
 
     fn failed(&self, completion_error: &tern_blockdev::BlockError) {
@@ -533,6 +546,7 @@ where
             cookie: request.cookie,
             structured,
             replies: reply_tx.clone(),
+            permit: std::sync::Mutex::new(None),
         };
         match proto::check(&request, size, export.read_only(), structured) {
             Verdict::Disconnect(why) => break Err(ConnectionError::Protocol(why.into())),
@@ -549,7 +563,12 @@ where
         if request.command == cmd::DISC {
             break Ok(());
         }
-        let units = (request.length as usize).div_ceil(UNIT).max(1);
+        // Reads and writes carry their length in memory; trim, write-zeroes and flush carry
+        // nothing, whatever range they name.
+        let units = match request.command {
+            cmd::READ | cmd::WRITE => (request.length as usize).div_ceil(UNIT).max(1),
+            _ => 1,
+        };
         let Ok(permit) = budget.clone().acquire_many_owned(units as u32).await else {
             break Ok(());
         };
@@ -562,6 +581,14 @@ where
         } else {
             None
         };
+        // A throttled guest waits before admission, so a switchover's hold never waits out
+        // a throttle debt.
+        if let Some(backend) = export.backend().filter(|_| request.command == cmd::WRITE) {
+            let wait = backend.reserve_write(u64::from(request.length));
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         let pass = match export.enter().await {
             Ok(pass) => pass,
             Err(refusal) => {
@@ -569,12 +596,6 @@ where
                 continue;
             }
         };
-        if request.command == cmd::WRITE {
-            let wait = pass.backend().reserve_write(u64::from(request.length));
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
         submit(request, payload, pass, permit, responder);
     };
     drop(reply_tx);
@@ -607,6 +628,7 @@ fn submit(
     permit: OwnedSemaphorePermit,
     responder: Responder,
 ) {
+    *responder.permit.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
     let backend = pass.backend().clone();
     let fua = request.flags & cflag::FUA != 0;
     let offset = request.offset;
@@ -631,7 +653,7 @@ fn submit(
         Box::new(move |completion: Completion| {
             if let Err(error) = &completion.result {
                 responder.failed(error);
-                drop((pass, permit));
+                drop(pass);
                 return;
             }
             match completion.op {
@@ -645,14 +667,14 @@ fn submit(
                                 Ok(_) => responder.ok(),
                                 Err(error) => responder.failed(error),
                             }
-                            drop((pass, permit));
+                            drop(pass);
                         }),
                     );
                     return;
                 }
                 _ => responder.ok(),
             }
-            drop((pass, permit));
+            drop(pass);
         }),
     );
 }

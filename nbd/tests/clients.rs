@@ -394,3 +394,24 @@ async fn structured_reads_send_zero_runs_as_holes_and_errors_with_a_message() {
     assert_eq!(&payload[6..], b"disk moved: reconnect to the target");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_larger_than_the_connection_budget_is_answered() {
+    // A guest's fstrim can discard gigabytes in one request; it carries no payload and must
+    // not wait for budget the connection can never have (64 MiB).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let (addr, _export, server) = serve(&path, NbdAddr::Tcp("127.0.0.1:0".parse().unwrap())).await;
+    let mut client = Raw::connect(&addr, false).await;
+    client.send(cmd::TRIM, 0, 0, 1 << 30, &[]).await;
+    assert_eq!(client.simple_reply(0).await.0, 0);
+    client.send(cmd::WRITE_ZEROES, 0, 0, 512 << 20, &[]).await;
+    assert_eq!(client.simple_reply(0).await.0, 0);
+    client.send(cmd::READ, 0, 0, 8, &[]).await;
+    assert_eq!(client.simple_reply(8).await, (0, vec![0; 8]));
+    server.abort();
+}

@@ -15,6 +15,8 @@ use crate::jobs::Jobs;
 
 /// Longest accepted command line; longer ones get an error and the connection closes.
 const MAX_LINE: usize = 64 << 10;
+/// Lines (events and replies) queued for one client at most.
+const EVENTS_QUEUED_MAX: usize = 1024;
 
 /// A bound control socket.
 pub(crate) struct ControlServer {
@@ -88,7 +90,9 @@ impl Drop for ControlServer {
 
 async fn serve(stream: UnixStream, jobs: Arc<Jobs>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+    // Bounded: a client that never reads loses events (and is told so), it does not make the
+    // daemon buffer them without limit.
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(EVENTS_QUEUED_MAX);
     let mut events = jobs.subscribe();
     let writer = tokio::spawn(async move {
         while let Some(line) = out_rx.recv().await {
@@ -99,23 +103,29 @@ async fn serve(stream: UnixStream, jobs: Arc<Jobs>) -> std::io::Result<()> {
             }
         }
     });
-    let _ = out_tx.send(wire::greeting());
+    let _ = out_tx.send(wire::greeting()).await;
     let event_tx = out_tx.clone();
     let forwarder = tokio::spawn(async move {
+        let mut lost = 0u64;
         loop {
-            match events.recv().await {
-                Ok(line) => {
-                    if event_tx.send(line).is_err() {
-                        break;
-                    }
-                }
+            let line = match events.recv().await {
+                Ok(line) => line,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let _ = event_tx.send(wire::event(
-                        "events-lost",
-                        serde_json::json!({ "count": n }),
-                    ));
+                    lost += n;
+                    continue;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            if lost > 0 {
+                let notice = wire::event("events-lost", serde_json::json!({ "count": lost }));
+                if event_tx.try_send(notice).is_ok() {
+                    lost = 0;
+                }
+            }
+            match event_tx.try_send(line) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => lost += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
     });
@@ -132,7 +142,7 @@ async fn serve(stream: UnixStream, jobs: Arc<Jobs>) -> std::io::Result<()> {
         }
         if line.len() > MAX_LINE {
             let error = CtlError::new(ErrorClass::GenericError, "command line over 64 KiB");
-            let _ = out_tx.send(wire::reply(Err(error), None));
+            let _ = out_tx.send(wire::reply(Err(error), None)).await;
             break Ok(());
         }
         let text = String::from_utf8_lossy(&line);
@@ -154,7 +164,7 @@ async fn serve(stream: UnixStream, jobs: Arc<Jobs>) -> std::io::Result<()> {
                 None,
             ),
         };
-        let _ = out_tx.send(reply);
+        let _ = out_tx.send(reply).await;
     };
     forwarder.abort();
     drop(out_tx);
