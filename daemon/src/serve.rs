@@ -7,7 +7,7 @@ use anyhow::Context;
 use std::sync::Arc;
 
 use tern_blockdev::{BlockDevice, OpenOptions};
-use tern_engine::driver::{OnComplete, serve_one_with};
+use tern_engine::driver::{OnAccepted, OnComplete, TargetHooks, serve_one_with};
 use tern_nbd::proto::errno;
 use tern_nbd::{Export, NbdAddr, NbdServer};
 use tern_transport::{Fingerprint, Identity, TransportTuning, listen};
@@ -108,7 +108,21 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
                 tracing::info!("migration committed; NBD exports open");
             }) as OnComplete
         });
-        let result = serve_one_with(&endpoint, &images, &OpenOptions::default(), on_complete).await;
+        // Clients waiting in negotiation for a size learn it as soon as the source's handshake
+        // is accepted (a new image, or a block device).
+        let on_accepted = nbd_task.as_ref().map(|_| {
+            let exports = exports.clone();
+            Arc::new(move |sizes: &[u64]| {
+                for (export, size) in exports.iter().zip(sizes) {
+                    export.set_size(*size);
+                }
+            }) as OnAccepted
+        });
+        let hooks = TargetHooks {
+            on_accepted,
+            on_complete,
+        };
+        let result = serve_one_with(&endpoint, &images, &OpenOptions::default(), hooks).await;
         // Let the last frames and the close (with its reason) reach the source, bounded.
         endpoint.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;

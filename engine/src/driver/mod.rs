@@ -8,8 +8,8 @@ pub mod target;
 
 pub use source::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
 pub use target::{
-    OnComplete, TargetReport, incomplete_marker, run_target, run_target_with, serve_one,
-    serve_one_with,
+    OnAccepted, OnComplete, TargetHooks, TargetReport, incomplete_marker, run_target,
+    run_target_with, serve_one, serve_one_with,
 };
 
 /// Describes a stream failure: when the peer closed the connection, its close reason (which

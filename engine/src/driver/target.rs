@@ -64,6 +64,9 @@ enum Input {
 /// `commit` returns.
 pub type OnComplete = Arc<dyn Fn() + Send + Sync>;
 
+/// Runs once the source's handshake was accepted, with the images' sizes in order.
+pub type OnAccepted = Arc<dyn Fn(&[u64]) + Send + Sync>;
+
 /// Accepts connections on `endpoint` until one migration into `images` completes or fails.
 ///
 /// Connections refused by TLS (a peer with another fingerprint) are logged and the endpoint
@@ -73,15 +76,33 @@ pub async fn serve_one(
     images: &[PathBuf],
     open: &OpenOptions,
 ) -> Result<TargetReport, MigrationError> {
-    serve_one_with(endpoint, images, open, None).await
+    serve_one_with(endpoint, images, open, TargetHooks::default()).await
 }
 
-/// [`serve_one`] with a hook that runs at commit (see [`OnComplete`]).
+/// Callbacks of a target run (a daemon's NBD export follows the migration with them).
+#[derive(Clone, Default)]
+pub struct TargetHooks {
+    /// The source's handshake was accepted: the images exist, with these sizes.
+    pub on_accepted: Option<OnAccepted>,
+    /// The images are durably complete (see [`OnComplete`]).
+    pub on_complete: Option<OnComplete>,
+}
+
+impl std::fmt::Debug for TargetHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetHooks")
+            .field("on_accepted", &self.on_accepted.is_some())
+            .field("on_complete", &self.on_complete.is_some())
+            .finish()
+    }
+}
+
+/// [`serve_one`] with hooks (see [`TargetHooks`]).
 pub async fn serve_one_with(
     endpoint: &quinn::Endpoint,
     images: &[PathBuf],
     open: &OpenOptions,
-    on_complete: Option<OnComplete>,
+    hooks: TargetHooks,
 ) -> Result<TargetReport, MigrationError> {
     loop {
         let Some(incoming) = endpoint.accept().await else {
@@ -91,7 +112,7 @@ pub async fn serve_one_with(
         match incoming.await {
             Ok(connection) => {
                 tracing::info!(%remote, "source connected");
-                return run_target_with(&connection, images, open, on_complete).await;
+                return run_target_with(&connection, images, open, hooks).await;
             }
             Err(e) => tracing::warn!(%remote, error = %e, "refused connection"),
         }
@@ -104,16 +125,20 @@ pub async fn run_target(
     images: &[PathBuf],
     open: &OpenOptions,
 ) -> Result<TargetReport, MigrationError> {
-    run_target_with(connection, images, open, None).await
+    run_target_with(connection, images, open, TargetHooks::default()).await
 }
 
-/// [`run_target`] with a hook that runs at commit (see [`OnComplete`]).
+/// [`run_target`] with hooks (see [`TargetHooks`]).
 pub async fn run_target_with(
     connection: &quinn::Connection,
     images: &[PathBuf],
     open: &OpenOptions,
-    on_complete: Option<OnComplete>,
+    hooks: TargetHooks,
 ) -> Result<TargetReport, MigrationError> {
+    let TargetHooks {
+        on_accepted,
+        on_complete,
+    } = hooks;
     let started = Instant::now();
     let transport = |e: &dyn std::fmt::Display| MigrationError::Transport(e.to_string());
     let (control_send, control_recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
@@ -191,6 +216,9 @@ pub async fn run_target_with(
         .send(welcome.encode())
         .await
         .map_err(|e| transport(&e))?;
+    if let Some(hook) = &on_accepted {
+        hook(&sizes);
+    }
 
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
     let (frame_tx, mut frame_rx) = mpsc::channel::<(u16, Frame)>(FRAME_QUEUE);
