@@ -490,8 +490,9 @@ impl Jobs {
     }
 
     async fn switchover(self: &Arc<Self>, arguments: &serde_json::Map<String, Value>) -> CtlResult {
-        let args = Args::new(arguments, &["migration", "commit"])?;
+        let args = Args::new(arguments, &["migration", "commit", "timeout-ms"])?;
         let commit = args.parse::<bool>("commit")?.unwrap_or(false);
+        let timeout = args.parse::<u64>("timeout-ms")?.map(Duration::from_millis);
         let (id, migration, exports) = {
             let mut jobs = self.lock();
             let id = Self::pick(&jobs, args.string("migration")?)?;
@@ -515,11 +516,37 @@ impl Jobs {
             export.hold().await;
         }
         let quiesced = started.elapsed();
-        let result = tokio::task::spawn_blocking(move || migration.switchover())
-            .await
-            .map_err(|e| {
-                CtlError::new(ErrorClass::GenericError, format!("switchover task: {e}"))
-            })?;
+        let mut task = tokio::task::spawn_blocking(move || migration.switchover());
+        let joined = match timeout {
+            None => task.await,
+            Some(limit) => match tokio::time::timeout(limit, &mut task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    // A VM is paused meanwhile: give up rather than wait for the transport's
+                    // idle timeout. Nothing was committed, so the source stays authoritative
+                    // and its IO resumes; the engine's result is dropped when it comes (a
+                    // handoff dropped uncommitted rolls back).
+                    tokio::spawn(async move {
+                        let _ = task.await;
+                    });
+                    for export in &exports {
+                        export.release();
+                    }
+                    if let Some(job) = self.lock().get_mut(&id) {
+                        job.engine = Engine::Done;
+                    }
+                    let desc = format!(
+                        "switchover did not finish within {} ms; the source stays authoritative and IO resumed on it",
+                        limit.as_millis()
+                    );
+                    self.mark_failed(&id, desc.clone());
+                    return Err(CtlError::new(ErrorClass::MigrationFailed, desc));
+                }
+            },
+        };
+        let result = joined.map_err(|e| {
+            CtlError::new(ErrorClass::GenericError, format!("switchover task: {e}"))
+        })?;
         let downtime = started.elapsed();
         match result {
             Ok(handoff) => {

@@ -157,7 +157,10 @@ impl Vm {
     fn acks(&self, side: &str) -> Vec<(u64, u64)> {
         let text =
             std::fs::read_to_string(self.path(&format!("{side}.serial"))).unwrap_or_default();
-        text.lines()
+        // Only complete lines: the VM may be stopped in the middle of printing one.
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete
+            .lines()
             .filter_map(|line| {
                 let mut words = line.split_whitespace();
                 (words.next() == Some("ACK")).then_some(())?;
