@@ -182,7 +182,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let info = src.execute("query-migrate", json!({}))?;
-    let dst_status = dst.execute("query-status", json!({}))?;
+    // The destination starts running a few ms after the source reports `completed`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dst_status = loop {
+        let status = dst.execute("query-status", json!({}))?;
+        if status["status"] == "running" || Instant::now() >= deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let figures = json!({
         "vm-downtime-ms": info["downtime"],
         "storage-share-ms": storage_share.as_secs_f64() * 1e3,
