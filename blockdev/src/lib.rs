@@ -44,5 +44,6 @@ pub use device::{
     OpenOptions,
 };
 pub use error::{BlockError, BlockErrorKind, OpKind};
+pub use file::free_bytes;
 pub use memory::MemoryFaults;
 pub use probe::probe_uring;

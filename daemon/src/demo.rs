@@ -379,6 +379,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             options,
             args.json,
             Some(hooks),
+            // The demo's target lives in this process: nothing to reconnect to.
+            &crate::migrate::LinkArgs {
+                idle_timeout_s: 30.0,
+                reconnect_window_s: 0.0,
+            },
         )
         .await;
         let vmm = vmm.await?;

@@ -417,6 +417,14 @@ impl Jobs {
                 )
             }
             SourceEvent::Flushed => ("target-flushed", json!({})),
+            SourceEvent::LinkDown { message } => ("link-down", json!({ "error": message })),
+            SourceEvent::Resumed {
+                from_start,
+                bytes_requeued,
+            } => (
+                "resumed",
+                json!({ "from-start": from_start, "bytes-requeued": bytes_requeued }),
+            ),
             // Reported by the switchover command, with its downtime.
             SourceEvent::SwitchedOver { .. } => return,
             SourceEvent::Completed(_) => return, // reported by commit

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tern_blockdev::{BlockDevice, OpenOptions};
 use tern_engine::compression::CompressionMode;
-use tern_engine::driver::{LiveHooks, SourceOptions, SourceReport, run_source};
+use tern_engine::driver::{LiveHooks, Reconnect, SourceOptions, SourceReport, run_source};
 use tern_engine::{SourceConfig, SourceProgress, VerifyMode};
 use tern_transport::{Fingerprint, Identity, TransportTuning, connect};
 use tokio::sync::watch;
@@ -76,6 +76,34 @@ pub(crate) struct Args {
     /// QUIC data streams.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     streams: u16,
+    #[command(flatten)]
+    link: LinkArgs,
+}
+
+/// How a source treats its link (shared by `migrate` and `demo`).
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct LinkArgs {
+    /// Seconds of silence after which the QUIC connection counts as lost (keep-alives go
+    /// every quarter of it).
+    #[arg(long, default_value_t = 30.0)]
+    pub(crate) idle_timeout_s: f64,
+    /// After a lost link, keep reconnecting this many seconds and resume the session (only
+    /// what the target never confirmed durable is sent again); 0 fails at once.
+    #[arg(long, default_value_t = 60.0)]
+    pub(crate) reconnect_window_s: f64,
+}
+
+impl LinkArgs {
+    pub(crate) fn tuning(&self) -> TransportTuning {
+        TransportTuning {
+            idle_timeout: Duration::from_secs_f64(self.idle_timeout_s.max(0.1)),
+            ..TransportTuning::default()
+        }
+    }
+
+    pub(crate) fn reconnect_window(&self) -> Option<Duration> {
+        (self.reconnect_window_s > 0.0).then(|| Duration::from_secs_f64(self.reconnect_window_s))
+    }
 }
 
 /// The `--json` summary; these keys are a stable interface.
@@ -125,7 +153,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let runtime = runtime(args.worker_threads)?;
     let disks = open_images(&args.images)?;
     let (summary, _) = runtime.block_on(copy(
-        disks, args.to, &identity, args.peer, options, args.json, None,
+        disks, args.to, &identity, args.peer, options, args.json, None, &args.link,
     ))?;
     print_summary(&summary, args.json)
 }
@@ -169,6 +197,7 @@ pub(crate) fn options(
         compression,
         rate_limit_bytes_per_s: None,
         shared_rate_limit: None,
+        reconnect: None,
     }
 }
 
@@ -195,19 +224,32 @@ pub(crate) fn open_images(images: &[PathBuf]) -> anyhow::Result<Vec<(BlockDevice
 }
 
 /// Migrates `disks` to the target at `to`; returns the summary and the engine's report.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn copy(
     disks: Vec<(BlockDevice, String)>,
     to: SocketAddr,
     identity: &Identity,
     peer: Fingerprint,
-    options: SourceOptions,
+    mut options: SourceOptions,
     quiet: bool,
     live: Option<LiveHooks>,
+    link: &LinkArgs,
 ) -> anyhow::Result<(Summary, SourceReport)> {
     let bytes_total: u64 = disks.iter().map(|(d, _)| d.size()).sum();
-    let (endpoint, connection) = connect(to, identity, peer, &TransportTuning::default())
+    let tuning = link.tuning();
+    let (endpoint, connection) = connect(to, identity, peer, &tuning)
         .await
         .with_context(|| format!("connect to target {to}"))?;
+    if let Some(window) = link.reconnect_window() {
+        options.reconnect = Some(Reconnect::to(
+            endpoint.clone(),
+            to,
+            identity,
+            peer,
+            &tuning,
+            window,
+        )?);
+    }
     let (progress_tx, progress_rx) = watch::channel(SourceProgress {
         bytes_total,
         ..Default::default()

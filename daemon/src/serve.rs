@@ -43,6 +43,14 @@ pub(crate) struct Args {
     /// failure or rollback it is never served and `tern serve` exits with the error.
     #[arg(long)]
     export_nbd: Option<NbdAddr>,
+    /// Seconds of silence after which the QUIC connection counts as lost.
+    #[arg(long, default_value_t = 30.0)]
+    idle_timeout_s: f64,
+    /// After a lost link, keep the session (the images and what was written) this many
+    /// seconds for the source to resume it; 0 fails at once. A restarted `tern serve`
+    /// resumes a session from the images' `.tern-incomplete` markers.
+    #[arg(long, default_value_t = 600.0)]
+    resume_window_s: f64,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
@@ -82,7 +90,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let endpoint = listen(args.listen, &identity, args.peer, &TransportTuning::default())
+        let tuning = TransportTuning {
+            idle_timeout: std::time::Duration::from_secs_f64(args.idle_timeout_s.max(0.1)),
+            ..TransportTuning::default()
+        };
+        let endpoint = listen(args.listen, &identity, args.peer, &tuning)
             .with_context(|| format!("listen on {}", args.listen))?;
         tracing::info!(listen = %endpoint.local_addr()?, fingerprint = %identity.fingerprint(), "waiting for the source");
         // At commit (images durably complete, before the source hears of it) the exports
@@ -121,6 +133,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let hooks = TargetHooks {
             on_accepted,
             on_complete,
+            resume_window: (args.resume_window_s > 0.0)
+                .then(|| std::time::Duration::from_secs_f64(args.resume_window_s)),
         };
         let result = serve_one_with(&endpoint, &images, &OpenOptions::default(), hooks).await;
         // Let the last frames and the close (with its reason) reach the source, bounded.

@@ -22,7 +22,7 @@ use tern_transport::{Fingerprint, Identity, TransportTuning, connect};
 use tokio::sync::{mpsc, watch};
 
 use crate::compression::CompressionMode;
-use crate::driver::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
+use crate::driver::{Command, LiveHooks, Reconnect, SourceOptions, SourceReport, run_source};
 use crate::error::MigrationError;
 use crate::source::{LiveConfig, LiveMode, SourceConfig, SourceEvent, SourceProgress, VerifyMode};
 use crate::throttle::Throttle;
@@ -53,6 +53,11 @@ pub struct MigrationConfig {
     pub identities: Vec<String>,
     /// A bandwidth cap shared with other migrations (a daemon-wide limit; default none).
     pub shared_rate_limit: Option<Arc<Throttle>>,
+    /// After a lost link, keep reconnecting this long before failing (default 60 s);
+    /// `None` fails at once.
+    pub reconnect_window: Option<Duration>,
+    /// QUIC tuning (idle timeout: how long a silent link takes to count as lost).
+    pub tuning: TransportTuning,
 }
 
 impl MigrationConfig {
@@ -70,6 +75,8 @@ impl MigrationConfig {
             chunk_bytes: crate::bitmap::GRANULARITY_DEFAULT,
             identities: Vec::new(),
             shared_rate_limit: None,
+            reconnect_window: Some(Duration::from_secs(60)),
+            tuning: TransportTuning::default(),
         }
     }
 }
@@ -157,6 +164,7 @@ impl Migration {
             compression: config.compression,
             rate_limit_bytes_per_s: config.rate_limit_bytes_per_s,
             shared_rate_limit: config.shared_rate_limit.clone(),
+            reconnect: None,
         };
         let hooks = LiveHooks {
             bitmaps: disks.iter().map(|d| d.bitmap().clone()).collect(),
@@ -194,11 +202,22 @@ impl Migration {
                             let _ = user_tx.send(event);
                         }
                     });
-                    let tuning = TransportTuning::default();
+                    let tuning = config.tuning;
                     let (endpoint, connection) =
                         connect(config.target, &config.identity, config.peer, &tuning)
                             .await
                             .map_err(|e| MigrationError::Transport(e.to_string()))?;
+                    let mut options = options;
+                    if let Some(window) = config.reconnect_window {
+                        options.reconnect = Some(Reconnect::to(
+                            endpoint.clone(),
+                            config.target,
+                            &config.identity,
+                            config.peer,
+                            &tuning,
+                            window,
+                        )?);
+                    }
                     let result = run_source(
                         &connection,
                         devices,

@@ -55,6 +55,13 @@ pub struct SourceConfig {
     /// Live migration: after the bulk pass, re-send what the guest dirtied until switchover.
     /// `None` copies a disk that nobody writes.
     pub live: Option<LiveConfig>,
+    /// The driver can reconnect: a lost link during the copy or a live pass is survived
+    /// (see [`SourceMigration::handle_transport_failed`]) instead of failing the migration.
+    pub resumable: bool,
+    /// Resumable migrations: a checkpoint barrier after this many bytes handed out, so
+    /// the frames the target has not confirmed durable — resent after a lost link — stay
+    /// about this many plus what is in flight.
+    pub checkpoint_bytes: u64,
 }
 
 /// Settings of a live migration.
@@ -121,6 +128,8 @@ impl Default for SourceConfig {
             verify: VerifyMode::Written,
             session_id: [0; 16],
             live: None,
+            resumable: false,
+            checkpoint_bytes: 64 << 20,
         }
     }
 }
@@ -253,6 +262,11 @@ pub struct SourceProgress {
     pub dirty_bytes: u64,
     /// Harvests so far (live).
     pub passes: u64,
+    /// Times the link was lost and the migration resumed on a new connection.
+    pub reconnects: u64,
+    /// Bytes queued again after lost links because the target had not confirmed them
+    /// durable (a restart from zero counts the whole disk).
+    pub bytes_requeued: u64,
     /// Name of the current phase.
     pub phase: &'static str,
 }
@@ -307,6 +321,19 @@ pub enum SourceEvent {
         /// Bytes sent per second over the last pass.
         transfer_rate: f64,
     },
+    /// The link was lost; the machine waits for `handle_reconnected` (or `give_up`).
+    /// Guest writes keep being tracked meanwhile.
+    LinkDown {
+        /// What failed.
+        message: String,
+    },
+    /// A new connection continues the session.
+    Resumed {
+        /// The target had lost the session: the copy started again from the beginning.
+        from_start: bool,
+        /// Bytes queued again because the target had not confirmed them durable.
+        bytes_requeued: u64,
+    },
     /// The target confirmed that everything is durable.
     Flushed,
     /// Live: the final pass is durable on the target and verified; the VM may resume on the
@@ -327,12 +354,16 @@ enum Phase {
     Bulk,
     Iterating,
     FinalPass,
-    Flush { barrier: u64 },
+    Flush {
+        barrier: u64,
+    },
     Verify,
     HandedOff,
     Complete,
     Done,
     Failed,
+    /// The link is lost; `resume_phase` says where to continue.
+    Disconnected,
 }
 
 impl Phase {
@@ -348,6 +379,7 @@ impl Phase {
             Phase::Complete => "complete",
             Phase::Done => "done",
             Phase::Failed => "failed",
+            Phase::Disconnected => "disconnected",
         }
     }
 }
@@ -373,6 +405,8 @@ struct DiskState {
     size: u64,
     identity: String,
     allocated: Vec<Range<u64>>,
+    /// Bytes in `allocated`.
+    allocated_bytes: u64,
     /// Index into `allocated` of the first extent that may intersect `next_block`.
     extent: usize,
     /// Next digest block the bulk pass has not planned yet.
@@ -467,10 +501,18 @@ pub struct SourceMigration {
     next_generation: u64,
     next_token: u64,
     next_barrier: u64,
-    /// Reads in flight: token → (disk, byte range, generation). The generation is taken when
-    /// the read is issued: a read issued later returns data at least as new, so issue order
-    /// is the order the target must apply (I3), whatever order reads complete in.
-    reads: HashMap<u64, (u32, Range<u64>, u64)>,
+    /// Reads in flight: token → (disk, byte range, generation, read by the bulk pass). The
+    /// generation is taken when the read is issued: a read issued later returns data at least
+    /// as new, so issue order is the order the target must apply (I3), whatever order reads
+    /// complete in.
+    reads: HashMap<u64, (u32, Range<u64>, u64, bool)>,
+    /// Reads issued before a restart from zero: their data is dropped (the new bulk pass
+    /// reads it again).
+    stale_reads: std::collections::HashSet<u64>,
+    /// Reads in flight when the link was lost: their data is never sent with their old
+    /// generation — a zero range resent on the new link has a newer one and would win over
+    /// it at the target (I3) — so they are read again instead.
+    reads_from_lost_link: std::collections::HashSet<u64>,
     /// Dirty byte ranges harvested but not yet read (live passes).
     dirty_queue: VecDeque<(u32, Range<u64>)>,
     /// A harvest is due at this time (live, nothing pending).
@@ -509,6 +551,71 @@ pub struct SourceMigration {
     mirrored: VecDeque<(u64, bool)>,
     /// Switchover was asked for before the bulk pass ended.
     switchover_pending: bool,
+    /// `BulkDone` was reported (a resumed offline copy passes the end of bulk again).
+    bulk_done_reported: bool,
+    /// Resumable: frames handed out on this connection that no answered barrier covers, in
+    /// the order handed out; the front one is number `unconfirmed_base`. They are all the
+    /// target may not hold durably — what a lost link makes the source send again.
+    unconfirmed: VecDeque<Sent>,
+    unconfirmed_base: u64,
+    /// Data and zero frames handed out on this connection.
+    handed_out: u64,
+    /// Barriers handed out and not yet answered: (id, frames handed out before it).
+    barrier_marks: VecDeque<(u64, u64)>,
+    /// The checkpoint barrier in flight.
+    checkpoint: Option<u64>,
+    /// Bytes handed out since the last checkpoint.
+    since_checkpoint: u64,
+    /// Disconnected, or handshaking again after a lost link: the phase to continue in.
+    resume_phase: Option<Phase>,
+    /// Chunk runs to send again as zeros when the link is back: (disk, chunks).
+    zeros_to_resend: Vec<(u32, Range<u64>)>,
+    /// Bytes requeued since the link went down (reported by `Resumed`).
+    requeued_now: u64,
+}
+
+/// A frame handed to the driver and not yet confirmed durable by the target.
+#[derive(Debug)]
+struct Sent {
+    disk: u32,
+    chunk: u64,
+    chunk_count: u32,
+    generation: u64,
+    zero: bool,
+}
+
+impl Sent {
+    fn of(transmit: &Transmit) -> Option<Self> {
+        match *transmit {
+            Transmit::Data {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                ..
+            } => Some(Sent {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                zero: false,
+            }),
+            Transmit::Zero {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                ..
+            } => Some(Sent {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                zero: true,
+            }),
+            Transmit::Control(_) => None,
+        }
+    }
 }
 
 /// One mirrored guest write on its way to the target.
@@ -533,6 +640,7 @@ impl SourceMigration {
                 DiskState {
                     size: disk.size,
                     identity: disk.identity,
+                    allocated_bytes: disk.allocated.iter().map(|r| r.end - r.start).sum(),
                     allocated: disk.allocated,
                     extent: 0,
                     next_block: 0,
@@ -544,23 +652,9 @@ impl SourceMigration {
                 }
             })
             .collect();
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            features: FEATURES_SUPPORTED,
-            session_id: config.session_id,
-            chunk_bytes: config.chunk_bytes,
-            data_streams: config.data_streams + u16::from(config.live.is_some()),
-            disks: disks
-                .iter()
-                .map(|d| DiskInfo {
-                    size: d.size,
-                    identity: d.identity.clone(),
-                })
-                .collect(),
-        };
         // A live migration adds one stream for mirrored writes, so a guest waiting on its
         // write never waits behind bulk data buffered on a shared stream.
-        let streams = hello.data_streams as usize;
+        let streams = (config.data_streams + u16::from(config.live.is_some())) as usize;
         let mut migration = Self {
             config,
             phase: Phase::Handshake,
@@ -569,6 +663,8 @@ impl SourceMigration {
             next_token: 1,
             next_barrier: 1,
             reads: HashMap::new(),
+            stale_reads: Default::default(),
+            reads_from_lost_link: Default::default(),
             dirty_queue: VecDeque::new(),
             harvest_at: None,
             pass: PassStats::default(),
@@ -590,14 +686,45 @@ impl SourceMigration {
             mirror_reads: HashMap::new(),
             mirrored: VecDeque::new(),
             switchover_pending: false,
+            bulk_done_reported: false,
+            unconfirmed: VecDeque::new(),
+            unconfirmed_base: 0,
+            handed_out: 0,
+            barrier_marks: VecDeque::new(),
+            checkpoint: None,
+            since_checkpoint: 0,
+            resume_phase: None,
+            zeros_to_resend: Vec::new(),
+            requeued_now: 0,
             progress: SourceProgress {
                 bytes_total,
                 phase: Phase::Handshake.name(),
                 ..Default::default()
             },
         };
-        migration.push_transmit(Transmit::Control(Control::Hello(hello)));
+        let hello = migration.hello(false);
+        migration.push_transmit(Transmit::Control(hello));
         migration
+    }
+
+    fn hello(&self, resume: bool) -> Control {
+        Control::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            features: FEATURES_SUPPORTED,
+            session_id: self.config.session_id,
+            chunk_bytes: self.config.chunk_bytes,
+            data_streams: self.frames_sent.len() as u16,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskInfo {
+                    size: d.size,
+                    identity: d.identity.clone(),
+                    allocated: d.allocated_bytes,
+                })
+                .collect(),
+            resume,
+        })
     }
 
     /// Counters so far.
@@ -630,6 +757,15 @@ impl SourceMigration {
         match &transmit {
             Transmit::Data { stream, .. } | Transmit::Zero { stream, .. } => {
                 self.frames_sent[*stream as usize] += 1;
+                self.handed_out += 1;
+                self.since_checkpoint += (transmit.queued_bytes() as u64).max(4096);
+                if self.config.resumable {
+                    self.unconfirmed.extend(Sent::of(&transmit));
+                }
+                self.maybe_checkpoint();
+            }
+            Transmit::Control(Control::Barrier { id, .. }) => {
+                self.barrier_marks.push_back((*id, self.handed_out));
             }
             Transmit::Control(_) => {}
         }
@@ -650,6 +786,22 @@ impl SourceMigration {
     pub fn handle_control(&mut self, message: Control) {
         if self.is_finished() {
             return;
+        }
+        if let Control::BarrierDone { id } = message {
+            // Everything handed out before the barrier is durable on the target.
+            let Some(position) = self.barrier_marks.iter().position(|(b, _)| *b == id) else {
+                return self.protocol_error_from_target(format!("answer to unknown barrier {id}"));
+            };
+            let (_, upto) = self.barrier_marks[position];
+            self.barrier_marks.drain(..=position);
+            let confirmed =
+                (upto.saturating_sub(self.unconfirmed_base) as usize).min(self.unconfirmed.len());
+            self.unconfirmed.drain(..confirmed);
+            self.unconfirmed_base = self.unconfirmed_base.max(upto);
+            if self.checkpoint == Some(id) {
+                self.checkpoint = None;
+                return;
+            }
         }
         match (self.phase, message) {
             (_, Control::Error { code, message }) => {
@@ -676,6 +828,9 @@ impl SourceMigration {
                 }
                 self.mirror_supported =
                     welcome.features & tern_transport::control::FEATURE_MIRROR != 0;
+                if let Some(resume_to) = self.resume_phase.take() {
+                    return self.resume(resume_to, &welcome);
+                }
                 self.set_phase(Phase::Bulk);
                 self.events.push_back(SourceEvent::Connected);
                 let active = self
@@ -793,10 +948,17 @@ impl SourceMigration {
 
     /// A read completed with `data` (exactly the requested length).
     pub fn handle_read_done(&mut self, token: u64, data: Bytes) {
-        let Some((disk, range, generation)) = self.reads.remove(&token) else {
+        let Some((disk, range, generation, bulk_read)) = self.reads.remove(&token) else {
             panic!("read completion for unknown token {token}");
         };
-        if self.is_finished() {
+        let mirror = self.mirror_reads.remove(&token);
+        if self.stale_reads.remove(&token) || self.is_finished() {
+            return;
+        }
+        if self.reads_from_lost_link.remove(&token) || self.resume_phase.is_some() {
+            // Issued before the link was lost: these bytes go on the new connection, read
+            // again then (with a generation newer than anything resent).
+            self.requeue_read(disk, range, bulk_read);
             return;
         }
         let state = &mut self.disks[disk as usize];
@@ -808,11 +970,17 @@ impl SourceMigration {
         state.record_digests(range.start, &data, generation);
         self.progress.bytes_read += data.len() as u64;
         self.pass.bytes_sent += data.len() as u64;
-        let mirror = self.mirror_reads.remove(&token);
-        if self.phase != Phase::Bulk || mirror.is_some() {
+        if !bulk_read {
             self.progress.bytes_resent += range.end - range.start;
         }
-        self.send_block(disk, range.start, data, generation, mirror.is_none());
+        self.send_block(
+            disk,
+            range.start,
+            data,
+            generation,
+            mirror.is_none(),
+            bulk_read,
+        );
         if let Some(mirror) = mirror {
             self.mirror_read_sent(mirror, disk, range, generation);
         }
@@ -822,15 +990,225 @@ impl SourceMigration {
 
     /// A read failed. The migration fails; the source disk is untouched by the copy.
     pub fn handle_read_failed(&mut self, token: u64, message: String) {
-        let Some((disk, _, _)) = self.reads.remove(&token) else {
+        let Some((disk, _, _, _)) = self.reads.remove(&token) else {
             panic!("read failure for unknown token {token}");
         };
         self.fail(MigrationError::Disk { disk, message }, true);
     }
 
     /// The connection or a stream failed underneath.
+    ///
+    /// A resumable migration (see [`SourceConfig::resumable`]) that loses its link during
+    /// the bulk pass or a live pass — or, copying a disk nobody writes, during the flush or
+    /// the verification — reports [`SourceEvent::LinkDown`] and waits for
+    /// [`SourceMigration::handle_reconnected`]: every frame the target has not confirmed
+    /// durable is queued again (data frames are read again; zero frames are resent only for
+    /// chunks no newer read covers), and guest writes keep being tracked. A live migration
+    /// that loses its link during the switchover fails instead: the guest is paused, and
+    /// the source staying authoritative is the answer that loses nothing.
     pub fn handle_transport_failed(&mut self, message: String) {
-        self.fail(MigrationError::Transport(message), false);
+        let resume_to = match self.phase {
+            Phase::Disconnected => return,
+            Phase::Handshake => self.resume_phase,
+            Phase::Bulk | Phase::Iterating => Some(self.phase),
+            Phase::Flush { .. } | Phase::Verify if self.config.live.is_none() => Some(Phase::Bulk),
+            _ => None,
+        };
+        match resume_to {
+            Some(phase) if self.config.resumable => self.link_lost(phase, message),
+            _ => self.fail(MigrationError::Transport(message), false),
+        }
+    }
+
+    /// Enters `Disconnected`: requeues everything the target has not confirmed durable.
+    fn link_lost(&mut self, resume_to: Phase, message: String) {
+        self.reads_from_lost_link.extend(self.reads.keys().copied());
+        let queued = std::mem::take(&mut self.transmit);
+        let unconfirmed = std::mem::take(&mut self.unconfirmed);
+        for sent in unconfirmed
+            .into_iter()
+            .chain(queued.iter().filter_map(Sent::of))
+        {
+            self.requeue_sent(sent);
+        }
+        self.transmit_bytes = 0;
+        self.unconfirmed_base = 0;
+        self.handed_out = 0;
+        self.barrier_marks.clear();
+        self.checkpoint = None;
+        self.since_checkpoint = 0;
+        self.frames_sent.iter_mut().for_each(|f| *f = 0);
+        self.pass_barrier = None;
+        self.harvest_now = false;
+        self.harvest_at = None;
+        // Guest writes waiting for their mirror complete now and are tracked as dirty.
+        self.abandon_mirrors();
+        for disk in &mut self.disks {
+            disk.verified_chunks = 0;
+        }
+        self.resume_phase = Some(resume_to);
+        self.set_phase(Phase::Disconnected);
+        self.events.push_back(SourceEvent::LinkDown { message });
+    }
+
+    /// A frame the target may not hold durably goes again: data is read again (the read
+    /// returns the newest bytes, with a new generation); a zero range is sent again only
+    /// for chunks no newer read covers — a newer frame of such a chunk (a mirrored write,
+    /// say) may already be durable on the target, and zeros with a new generation would
+    /// overwrite it. A chunk no newer read covers has had no write since that was sent, or
+    /// the write is still tracked and goes later, with a newer generation (I2, I3).
+    fn requeue_sent(&mut self, sent: Sent) {
+        let state = &self.disks[sent.disk as usize];
+        let end_chunk = sent.chunk + sent.chunk_count as u64;
+        if !sent.zero {
+            let range = state.chunk_range(sent.chunk).start
+                ..(end_chunk * state.chunk_bytes).min(state.size);
+            return self.requeue_read(sent.disk, range, false);
+        }
+        let mut chunk = sent.chunk;
+        while chunk < end_chunk {
+            let resend = |c: u64| state.digest_generations[c as usize] <= sent.generation;
+            if !resend(chunk) {
+                chunk += 1;
+                continue;
+            }
+            let start = chunk;
+            while chunk < end_chunk && resend(chunk) {
+                chunk += 1;
+            }
+            self.zeros_to_resend.push((sent.disk, start..chunk));
+        }
+    }
+
+    /// Queues `range` to be read and sent again. A bulk read that never went out counts
+    /// as done for the bulk pass: the requeued read covers it.
+    fn requeue_read(&mut self, disk: u32, mut range: Range<u64>, bulk_read: bool) {
+        let bytes = range.end - range.start;
+        self.progress.bytes_requeued += bytes;
+        self.requeued_now += bytes;
+        if bulk_read {
+            self.progress.bytes_done += bytes;
+        }
+        // Reads of at most one bulk block, aligned like the bulk pass.
+        let block = BULK_READ_BYTES as u64;
+        while range.start < range.end {
+            let read_end = range.end.min((range.start / block + 1) * block);
+            self.dirty_queue.push_back((disk, range.start..read_end));
+            range.start = read_end;
+        }
+    }
+
+    /// The driver has a new connection (its data streams open): the machine sends its
+    /// Hello again, asking the target to resume the session.
+    pub fn handle_reconnected(&mut self) {
+        assert_eq!(
+            self.phase,
+            Phase::Disconnected,
+            "reconnected while not disconnected"
+        );
+        self.set_phase(Phase::Handshake);
+        let hello = self.hello(true);
+        self.push_transmit(Transmit::Control(hello));
+    }
+
+    /// The driver stops trying to reconnect: the migration fails; the source stays
+    /// authoritative.
+    pub fn give_up(&mut self, message: String) {
+        if self.resume_phase.is_some() {
+            self.fail(
+                MigrationError::Transport(format!("link lost and not restored: {message}")),
+                false,
+            );
+        }
+    }
+
+    /// True between `LinkDown` and the target's answer on a new connection.
+    pub fn is_disconnected(&self) -> bool {
+        self.resume_phase.is_some()
+    }
+
+    /// The target answered a resuming Hello.
+    fn resume(&mut self, resume_to: Phase, welcome: &tern_transport::Welcome) {
+        self.progress.reconnects += 1;
+        if !welcome.resumed {
+            self.restart_from_zero();
+        } else {
+            if !welcome.digests_kept && self.config.verify == VerifyMode::Written {
+                // The target restarted: its table of written digests is gone.
+                self.config.verify = VerifyMode::ReadBack;
+            }
+            self.set_phase(resume_to);
+            for (disk, chunks) in std::mem::take(&mut self.zeros_to_resend) {
+                let state = &mut self.disks[disk as usize];
+                let range = state.chunk_range(chunks.start).start
+                    ..(chunks.end * state.chunk_bytes).min(state.size);
+                state.record_zero_digests(range.clone());
+                self.send_zero_range(disk, range, false);
+            }
+        }
+        self.events.push_back(SourceEvent::Resumed {
+            from_start: !welcome.resumed,
+            bytes_requeued: std::mem::take(&mut self.requeued_now),
+        });
+        if self.phase == Phase::Iterating {
+            self.harvest_now = true;
+            if std::mem::take(&mut self.switchover_pending) {
+                self.start_switchover();
+            }
+        }
+        self.maybe_finish_bulk();
+    }
+
+    /// The target lost the session: copy everything again. Guest writes from now on are
+    /// tracked as before; the new bulk pass covers all earlier ones.
+    fn restart_from_zero(&mut self) {
+        for disk in &mut self.disks {
+            // The extent map is from the start of the migration: guest writes since then may
+            // have filled holes, and their dirty marks were spent on the lost copy. Read
+            // everything (all-zero chunks still travel as zero ranges).
+            disk.allocated = std::iter::once(0..disk.size).collect();
+            disk.next_block = 0;
+            disk.extent = 0;
+            disk.digests.fill(None);
+            disk.digest_generations.fill(0);
+            disk.verified_chunks = 0;
+            disk.written_ahead.clear();
+        }
+        self.stale_reads.extend(self.reads.keys().copied());
+        self.reads_from_lost_link.clear();
+        self.bulk_disk = 0;
+        self.dirty_queue.clear();
+        self.zeros_to_resend.clear();
+        self.progress.bytes_done = 0;
+        self.progress.bytes_requeued += self.progress.bytes_total;
+        self.requeued_now = self.progress.bytes_total;
+        self.pass = PassStats::default();
+        self.converged = false;
+        self.stalled_harvests = 0;
+        self.bulk_done_reported = false;
+        self.set_phase(Phase::Bulk);
+    }
+
+    /// Resumable: queues a checkpoint barrier once enough was handed out, so a lost link
+    /// costs at most about `checkpoint_bytes` plus the window in flight.
+    fn maybe_checkpoint(&mut self) {
+        if !self.config.resumable
+            || self.checkpoint.is_some()
+            || self.since_checkpoint < self.config.checkpoint_bytes
+            || !matches!(self.phase, Phase::Bulk | Phase::Iterating)
+        {
+            return;
+        }
+        let id = self.next_barrier;
+        self.next_barrier += 1;
+        self.checkpoint = Some(id);
+        self.since_checkpoint = 0;
+        // Next out; its frame counts are filled in when it is handed out.
+        self.transmit
+            .push_front(Transmit::Control(Control::Barrier {
+                id,
+                frames: Vec::new(),
+            }));
     }
 
     fn set_phase(&mut self, phase: Phase) {
@@ -843,6 +1221,7 @@ impl SourceMigration {
             return;
         }
         self.set_phase(Phase::Failed);
+        self.resume_phase = None;
         self.io.clear();
         self.transmit.clear();
         self.transmit_bytes = 0;
@@ -977,7 +1356,8 @@ impl SourceMigration {
             let token = self.next_token;
             self.next_token += 1;
             let generation = self.next_generation();
-            self.reads.insert(token, (disk, range.clone(), generation));
+            self.reads
+                .insert(token, (disk, range.clone(), generation, false));
             self.mirror_reads.insert(token, mirror);
             self.io.push_back(ReadRequest {
                 token,
@@ -1016,7 +1396,8 @@ impl SourceMigration {
     /// Every mirror not yet acknowledged ends unmirrored (the caller marks it dirty).
     fn abandon_mirrors(&mut self) {
         self.mirror_queue.clear();
-        self.mirror_reads.clear();
+        // `mirror_reads` keeps the reads in flight until they complete, so the read windows
+        // stay counted right; their mirrors are gone, so their data is not sent for them.
         let mut tokens: Vec<u64> = self.mirrors.drain().map(|(token, _)| token).collect();
         tokens.sort_unstable();
         self.mirrored.extend(tokens.into_iter().map(|t| (t, false)));
@@ -1070,7 +1451,7 @@ impl SourceMigration {
                 let start = block * BULK_READ_BYTES as u64;
                 let end = (next * BULK_READ_BYTES as u64).min(disk.size);
                 disk.record_zero_digests(start..end);
-                self.send_zero_range(disk_index as u32, start..end);
+                self.send_zero_range(disk_index as u32, start..end, true);
                 continue;
             }
             disk.next_block += 1;
@@ -1079,7 +1460,7 @@ impl SourceMigration {
             self.next_token += 1;
             let generation = self.next_generation();
             self.reads
-                .insert(token, (disk_index as u32, range.clone(), generation));
+                .insert(token, (disk_index as u32, range.clone(), generation, true));
             self.io.push_back(ReadRequest {
                 token,
                 disk: disk_index as u32,
@@ -1093,9 +1474,13 @@ impl SourceMigration {
         self.maybe_finish_bulk();
     }
 
-    /// Plans reads of harvested dirty ranges, within the same bounds as the bulk pass.
+    /// Plans reads of harvested dirty ranges (and, after a lost link, of requeued frames),
+    /// within the same bounds as the bulk pass.
     fn plan_dirty(&mut self) {
-        if !matches!(self.phase, Phase::Iterating | Phase::FinalPass) {
+        if !matches!(
+            self.phase,
+            Phase::Bulk | Phase::Iterating | Phase::FinalPass
+        ) {
             return;
         }
         while self.copy_reads_in_flight() < self.config.reads_in_flight_max
@@ -1107,7 +1492,8 @@ impl SourceMigration {
             let token = self.next_token;
             self.next_token += 1;
             let generation = self.next_generation();
-            self.reads.insert(token, (disk, range.clone(), generation));
+            self.reads
+                .insert(token, (disk, range.clone(), generation, false));
             self.io.push_back(ReadRequest {
                 token,
                 disk,
@@ -1120,11 +1506,13 @@ impl SourceMigration {
     /// Live, nothing pending and the last harvest empty: when to harvest next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.harvest_at
+            .filter(|_| matches!(self.phase, Phase::Iterating | Phase::FinalPass))
     }
 
     /// True when the driver should harvest the dirty bitmaps now and call `handle_dirty`.
     pub fn wants_dirty(&self, now: Instant) -> bool {
-        self.harvest_now || self.harvest_at.is_some_and(|at| now >= at)
+        matches!(self.phase, Phase::Iterating | Phase::FinalPass)
+            && (self.harvest_now || self.harvest_at.is_some_and(|at| now >= at))
     }
 
     /// Live: the dirty chunk runs harvested from each disk's bitmap at `now` (chunk indexes;
@@ -1291,8 +1679,13 @@ impl SourceMigration {
     /// Live: the VM is paused and its in-flight IO drained, so no write marks the bitmaps any
     /// more. The machine asks for one last harvest, sends it, then flushes and verifies.
     pub fn start_switchover(&mut self) {
-        if matches!(self.phase, Phase::Handshake | Phase::Bulk) && self.config.live.is_some() {
-            // Too early: the final pass starts as soon as the bulk pass is done.
+        if matches!(
+            self.phase,
+            Phase::Handshake | Phase::Bulk | Phase::Disconnected
+        ) && self.config.live.is_some()
+        {
+            // Too early (or the link is down): the final pass starts as soon as the bulk
+            // pass is done and the link is up.
             self.switchover_pending = true;
             return;
         }
@@ -1339,8 +1732,9 @@ impl SourceMigration {
         }
     }
 
-    /// Queues a zero-range frame (several if the range exceeds a frame's chunk count).
-    fn send_zero_range(&mut self, disk: u32, range: Range<u64>) {
+    /// Queues a zero-range frame (several if the range exceeds a frame's chunk count);
+    /// `bulk`: the bulk pass's first sending of the range (counted as done).
+    fn send_zero_range(&mut self, disk: u32, range: Range<u64>, bulk: bool) {
         let chunk_bytes = self.config.chunk_bytes as u64;
         debug_assert_eq!(range.start % chunk_bytes, 0);
         let mut chunk = range.start / chunk_bytes;
@@ -1359,16 +1753,25 @@ impl SourceMigration {
             chunk += count as u64;
         }
         self.progress.bytes_zero += range.end - range.start;
-        self.progress.bytes_done += range.end - range.start;
+        if bulk {
+            self.progress.bytes_done += range.end - range.start;
+        }
     }
 
     /// Splits a block read into runs of zero and non-zero chunks and queues their frames.
-    /// Queues the frames of a read. Mirror reads (`bulk` false) do not advance the bulk
-    /// pass's progress (their chunks are covered by it too), and their frames go to the front
-    /// of the queue: a guest waits on them. Jumping the queue is safe — the target orders
-    /// writes of a chunk by generation (I3), and a barrier only needs at least the frames it
-    /// counts.
-    fn send_block(&mut self, disk: u32, offset: u64, data: Bytes, generation: u64, bulk: bool) {
+    /// Frames of mirror reads (`bulk` false) go to the front of the queue: a guest waits on
+    /// them. Jumping the queue is safe — the target orders writes of a chunk by generation
+    /// (I3), and a barrier only needs at least the frames it counts. Only the bulk pass's
+    /// own reads (`bulk_read`) advance its progress.
+    fn send_block(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        data: Bytes,
+        generation: u64,
+        bulk: bool,
+        bulk_read: bool,
+    ) {
         let chunk_bytes = self.config.chunk_bytes as usize;
         debug_assert_eq!(offset % chunk_bytes as u64, 0);
         let first_chunk = offset / chunk_bytes as u64;
@@ -1415,7 +1818,7 @@ impl SourceMigration {
                 self.transmit_bytes += frame.queued_bytes();
                 self.transmit.push_front(frame);
             }
-            if self.phase == Phase::Bulk && bulk {
+            if bulk_read {
                 self.progress.bytes_done += (byte_end - byte_start) as u64;
             }
             run_start = run_end;
@@ -1433,6 +1836,7 @@ impl SourceMigration {
         if self.phase != Phase::Bulk
             || self.copy_reads_in_flight() > 0
             || !self.io.is_empty()
+            || !self.dirty_queue.is_empty()
             || self.disks.iter().any(|d| d.next_block < d.blocks())
         {
             return;
@@ -1443,7 +1847,9 @@ impl SourceMigration {
             debug_assert!(disk.digests.iter().all(Option::is_some));
         }
         assert_eq!(self.progress.bytes_done, self.progress.bytes_total);
-        self.events.push_back(SourceEvent::BulkDone);
+        if !std::mem::replace(&mut self.bulk_done_reported, true) {
+            self.events.push_back(SourceEvent::BulkDone);
+        }
         if self.config.live.is_some() {
             // What the guest wrote during the bulk pass is the first live pass: harvest as
             // soon as the driver can.

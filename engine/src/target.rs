@@ -34,6 +34,9 @@ use crate::source::message_name;
 /// reading the data streams; QUIC flow control then slows the source (I6).
 pub const FRAMES_PENDING_MAX: usize = 64;
 
+/// Barriers a source may have outstanding at once (checkpoints plus a pass barrier).
+pub const BARRIERS_PENDING_MAX: usize = 16;
+
 /// IO the driver must perform for the target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetIo {
@@ -87,6 +90,28 @@ pub enum TargetIo {
     },
 }
 
+/// What a target kept of a session when a source asks to resume it.
+#[derive(Debug, Default)]
+pub enum Kept {
+    /// Nothing: the images were created afresh; a resuming source must start over.
+    #[default]
+    Nothing,
+    /// The images, marked incomplete for this session, but not the digests of what was
+    /// written (the target process restarted): the source verifies by reading back.
+    Images,
+    /// The images and the tables of the previous connection (the target lived through a
+    /// lost link).
+    Session(SessionTables),
+}
+
+/// Per-chunk tables of a session, carried from one connection to the next.
+#[derive(Debug)]
+pub struct SessionTables {
+    chunk_bytes: u64,
+    /// Per disk: the generation and the digest of the last write of each chunk.
+    disks: Vec<(Vec<u64>, Vec<u128>)>,
+}
+
 /// What the target reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetEvent {
@@ -123,6 +148,8 @@ struct PendingFrame {
     generation: u64,
     /// `None` for zero ranges.
     data: Option<Bytes>,
+    /// Arrival sequence number (see [`TargetMigration::outstanding`]).
+    seq: u64,
 }
 
 #[derive(Debug)]
@@ -130,6 +157,8 @@ enum InFlight {
     Write {
         disk: u32,
         chunks: std::ops::Range<u64>,
+        /// The frame this write belongs to.
+        seq: u64,
     },
     Flush,
     Digest {
@@ -148,8 +177,18 @@ pub struct TargetMigration {
     chunk_bytes: u64,
     disks: Vec<DiskState>,
     frames_received: Vec<u64>,
-    barrier: Option<(u64, Vec<u64>)>,
+    /// Barriers in arrival order; the front one is being served. Each is (id, frame counts
+    /// per stream, and once those counts arrived, the sequence number of the last frame then
+    /// received: the barrier covers every frame up to it).
+    barriers: VecDeque<(u64, Vec<u64>, Option<u64>)>,
     flushes_pending: usize,
+    /// Sequence number of the last frame received (frames are numbered from 1 on arrival).
+    last_seq: u64,
+    /// Frames received but not yet on the disk: arrival sequence → writes still in flight
+    /// (0 while deferred). A barrier is durable-ready once no frame at or below its sequence
+    /// is left here — frames that arrive after it never hold it up, so a source that keeps
+    /// sending cannot starve a barrier.
+    outstanding: std::collections::BTreeMap<u64, usize>,
     deferred: VecDeque<PendingFrame>,
     in_flight: HashMap<u64, InFlight>,
     writes_in_flight: usize,
@@ -166,7 +205,16 @@ impl TargetMigration {
     /// Checks the source's handshake against the target's disks (their sizes, in order) and
     /// returns the machine and the answer to send. An incompatible hello gives the error to
     /// send back.
-    pub fn accept(hello: &Hello, disk_sizes: &[u64]) -> Result<(Self, Control), MigrationError> {
+    ///
+    /// `kept`: what the driver kept of session `hello.session_id` from an earlier connection
+    /// (see [`Kept`]). A resuming source that hears `resumed: true` resends only what this
+    /// target never confirmed durable — every barrier this target answered was preceded by a
+    /// flush, so what it confirmed survives even its own crash.
+    pub fn accept(
+        hello: &Hello,
+        disk_sizes: &[u64],
+        kept: Kept,
+    ) -> Result<(Self, Control), MigrationError> {
         if hello.version != PROTOCOL_VERSION {
             return Err(MigrationError::Incompatible(format!(
                 "source speaks protocol version {}, this target {}",
@@ -207,7 +255,7 @@ impl TargetMigration {
             }
         }
         let chunk_bytes = hello.chunk_bytes as u64;
-        let disks = disk_sizes
+        let mut disks: Vec<DiskState> = disk_sizes
             .iter()
             .map(|size| {
                 let chunks = size.div_ceil(chunk_bytes) as usize;
@@ -219,13 +267,35 @@ impl TargetMigration {
                 }
             })
             .collect();
+        let (holds_session, digests_kept) = match kept {
+            Kept::Nothing => (false, false),
+            Kept::Images => (true, false),
+            Kept::Session(session) => {
+                let fits = session.chunk_bytes == chunk_bytes
+                    && session.disks.len() == disks.len()
+                    && session
+                        .disks
+                        .iter()
+                        .zip(&disks)
+                        .all(|(kept, disk)| kept.0.len() == disk.generation.len());
+                if fits {
+                    for (disk, (generation, digest)) in disks.iter_mut().zip(session.disks) {
+                        disk.generation = generation;
+                        disk.digest = digest;
+                    }
+                }
+                (true, fits)
+            }
+        };
         let machine = Self {
             phase: Phase::Running,
             chunk_bytes,
             disks,
             frames_received: vec![0; hello.data_streams as usize],
-            barrier: None,
+            barriers: VecDeque::new(),
             flushes_pending: 0,
+            last_seq: 0,
+            outstanding: Default::default(),
             deferred: VecDeque::new(),
             in_flight: HashMap::new(),
             writes_in_flight: 0,
@@ -239,8 +309,33 @@ impl TargetMigration {
         let welcome = Control::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             features: FEATURES_SUPPORTED & hello.features,
+            resumed: hello.resume && holds_session,
+            digests_kept: hello.resume && digests_kept,
         });
         Ok((machine, welcome))
+    }
+
+    /// What a later connection of the same session may continue from, once this machine
+    /// finished (failed on a lost link) and none of its IO is in flight any more.
+    pub fn into_session(self) -> SessionTables {
+        assert!(
+            self.in_flight.is_empty(),
+            "a session is kept only once its IO completed"
+        );
+        SessionTables {
+            chunk_bytes: self.chunk_bytes,
+            disks: self
+                .disks
+                .into_iter()
+                .map(|d| (d.generation, d.digest))
+                .collect(),
+        }
+    }
+
+    /// IO issued and not yet completed: a driver drains it before a new connection of the
+    /// session may write (so writes of one chunk never race across connections, I3).
+    pub fn io_in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// True while the driver may hand over another frame (I6: bounded pending writes).
@@ -288,6 +383,7 @@ impl TargetMigration {
             return self.protocol_error(format!("frame on unannounced data stream {stream}"));
         };
         *received += 1;
+        let seq = self.last_seq + 1;
         let pending = match frame {
             Frame::Data {
                 disk,
@@ -301,6 +397,7 @@ impl TargetMigration {
                 chunk_count,
                 generation,
                 data: Some(data),
+                seq,
             },
             Frame::Zero {
                 disk,
@@ -313,6 +410,7 @@ impl TargetMigration {
                 chunk_count,
                 generation,
                 data: None,
+                seq,
             },
             Frame::Control(_) => {
                 return self.protocol_error("control frame on a data stream".into());
@@ -321,6 +419,8 @@ impl TargetMigration {
         if let Err(message) = self.validate(&pending) {
             return self.protocol_error(message);
         }
+        self.last_seq = seq;
+        self.outstanding.insert(seq, 0);
         if self.frame_blocked(&pending) {
             self.deferred.push_back(pending);
         } else {
@@ -336,10 +436,13 @@ impl TargetMigration {
         }
         match message {
             Control::Barrier { id, frames } => {
-                if frames.len() != self.frames_received.len() || self.barrier.is_some() {
-                    return self.protocol_error("malformed or overlapping barrier".into());
+                if frames.len() != self.frames_received.len() {
+                    return self.protocol_error("malformed barrier".into());
                 }
-                self.barrier = Some((id, frames));
+                if self.barriers.len() >= BARRIERS_PENDING_MAX {
+                    return self.protocol_error("too many barriers waiting".into());
+                }
+                self.barriers.push_back((id, frames, None));
                 self.check_barrier();
             }
             Control::DigestRequest {
@@ -447,8 +550,9 @@ impl TargetMigration {
             return;
         }
         match op {
-            InFlight::Write { disk, chunks } => {
+            InFlight::Write { disk, chunks, seq } => {
                 self.writes_in_flight -= 1;
+                self.write_finished(seq);
                 let state = &mut self.disks[disk as usize];
                 for chunk in chunks {
                     debug_assert!(state.busy[chunk as usize]);
@@ -461,8 +565,12 @@ impl TargetMigration {
             InFlight::Flush => {
                 self.flushes_pending -= 1;
                 if self.flushes_pending == 0 {
-                    let (id, _) = self.barrier.take().expect("a flush belongs to a barrier");
+                    let (id, _, _) = self
+                        .barriers
+                        .pop_front()
+                        .expect("a flush belongs to a barrier");
                     self.transmit.push_back(Control::BarrierDone { id });
+                    self.check_barrier();
                 }
             }
             InFlight::MarkComplete => {
@@ -584,6 +692,7 @@ impl TargetMigration {
     /// stored generation is older than the frame's.
     fn start_frame(&mut self, frame: PendingFrame) {
         let chunk_bytes = self.chunk_bytes;
+        let mut writes = 0;
         let end = frame.chunk + frame.chunk_count as u64;
         let mut chunk = frame.chunk;
         while chunk < end {
@@ -621,9 +730,11 @@ impl TargetMigration {
                 InFlight::Write {
                     disk: frame.disk,
                     chunks: run_start..chunk,
+                    seq: frame.seq,
                 },
             );
             self.writes_in_flight += 1;
+            writes += 1;
             match &frame.data {
                 Some(data) => {
                     let slice = data
@@ -643,6 +754,28 @@ impl TargetMigration {
                     len: byte_end - offset,
                 }),
             }
+        }
+        if writes == 0 {
+            // Every chunk already holds a newer generation: nothing to wait for.
+            self.outstanding.remove(&frame.seq);
+        } else {
+            *self
+                .outstanding
+                .get_mut(&frame.seq)
+                .expect("a started frame is outstanding") = writes;
+        }
+    }
+
+    /// One write of frame `seq` completed.
+    fn write_finished(&mut self, seq: u64) {
+        let left = self
+            .outstanding
+            .get_mut(&seq)
+            .expect("a write's frame is outstanding");
+        debug_assert!(*left > 0);
+        *left -= 1;
+        if *left == 0 {
+            self.outstanding.remove(&seq);
         }
     }
 
@@ -692,18 +825,32 @@ impl TargetMigration {
         }
     }
 
+    /// Serves the front barrier: once every frame it counts arrived, it covers the frames
+    /// received so far; once those are all on the disk, the disks are flushed.
     fn check_barrier(&mut self) {
-        let Some((_, frames)) = &self.barrier else {
+        if self.flushes_pending > 0 {
+            return;
+        }
+        let last_seq = self.last_seq;
+        let Some((_, frames, covers)) = self.barriers.front_mut() else {
             return;
         };
-        if self.flushes_pending > 0
-            || self.writes_in_flight > 0
-            || !self.deferred.is_empty()
-            || self
+        if covers.is_none() {
+            if self
                 .frames_received
                 .iter()
-                .zip(frames)
+                .zip(frames.iter())
                 .any(|(received, wanted)| received < wanted)
+            {
+                return;
+            }
+            *covers = Some(last_seq);
+        }
+        let covers = covers.expect("set above");
+        if self
+            .outstanding
+            .first_key_value()
+            .is_some_and(|(&seq, _)| seq <= covers)
         {
             return;
         }
@@ -724,7 +871,18 @@ impl TargetMigration {
             return;
         }
         self.phase = Phase::Failed;
-        self.io.clear();
+        // IO never handed to the driver will never complete: forget it, so that
+        // `io_in_flight` counts only what really runs.
+        for io in self.io.drain(..) {
+            let token = match io {
+                TargetIo::Write { token, .. }
+                | TargetIo::WriteZeroes { token, .. }
+                | TargetIo::Flush { token, .. }
+                | TargetIo::Digest { token, .. }
+                | TargetIo::MarkComplete { token } => token,
+            };
+            self.in_flight.remove(&token);
+        }
         self.deferred.clear();
         self.transmit.clear();
         if tell_peer {

@@ -6,6 +6,12 @@
 //! for byte (I1), that a failed one is reported on both sides, and that each side stays within
 //! its bounds (I6). A failing seed is printed; add it to `REGRESSION_SEEDS`.
 //!
+//! Link faults: in resumable seeds the link is cut at random moments (everything in flight
+//! is lost, the target's machine fails and its IO drains), and sometimes the target crashes
+//! as well: each block it wrote since its last flush survives or not, at random, and now and
+//! then it loses the session altogether. The source reconnects and resumes; the checks are
+//! the same.
+//!
 //! `TERN_SIM_SEEDS=N` sets the number of seeds (default 300).
 
 use std::collections::VecDeque;
@@ -19,6 +25,7 @@ use tern_engine::bitmap::DirtyBitmap;
 use tern_engine::digest::digest;
 use tern_engine::source::ReadRequest;
 use tern_engine::source::{LiveConfig, LiveMode};
+use tern_engine::target::Kept;
 use tern_engine::{
     MigrationError, SourceConfig, SourceDisk, SourceEvent, SourceMigration, TargetEvent, TargetIo,
     TargetMigration, Transmit, VerifyMode,
@@ -28,7 +35,13 @@ use tern_transport::{Compression, Control, EncodedFrame, Encoder, Frame, decode,
 /// Seeds that once failed; they run first, always.
 /// 178: a mirrored write into a hole block ahead of the bulk cursor was overwritten by the
 /// bulk pass's zero range (fixed by `written_ahead`).
-const REGRESSION_SEEDS: &[u64] = &[178];
+/// 107: a read in flight when the link was cut was sent after the resume with its old
+/// generation, older than a zero range resent for the same chunk (now read again instead).
+/// 1954: a restart from zero trusted the start's extent map, zeroing holes the guest had
+/// filled since (now reads everything).
+/// 4257: an abandoned mirror read dropped as stale stayed counted as a mirror read, so the
+/// bulk pass ended with a read in flight.
+const REGRESSION_SEEDS: &[u64] = &[178, 107, 1954, 4257];
 
 struct World {
     rng: StdRng,
@@ -71,6 +84,20 @@ struct World {
     switchover_wanted: bool,
     /// The VMM asks for the switchover during the bulk pass (the machine must defer it).
     early_switchover: bool,
+    /// Link cuts still to inject (resumable seeds).
+    cuts_left: u32,
+    cuts: u32,
+    /// Cuts that also crash the target.
+    crashes: bool,
+    /// Per disk: the target's bytes as of its last flush (crash seeds only).
+    target_durable: Vec<Vec<u8>>,
+    /// What the target kept for the next connection.
+    kept: Option<Kept>,
+    resumed_from_start: bool,
+}
+
+fn target_disks_init(source_disks: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    source_disks.iter().map(|d| vec![0xAA; d.len()]).collect()
 }
 
 fn roundtrip(frame: &EncodedFrame) -> Frame {
@@ -141,6 +168,7 @@ impl World {
         }
         let chunk_bytes: u32 = 1 << rng.random_range(12..=20);
         let live = rng.random_range(0..2) == 0;
+        let resumable = rng.random_range(0..2) == 0;
         let config = SourceConfig {
             chunk_bytes,
             data_streams: rng.random_range(1..=4),
@@ -162,6 +190,8 @@ impl World {
                     _ => LiveMode::Background,
                 },
             }),
+            resumable,
+            checkpoint_bytes: rng.random_range(64 << 10..8 << 20),
         };
         let bitmaps = source_disks
             .iter()
@@ -171,7 +201,7 @@ impl World {
         let early_switchover = live && rng.random_range(0..8) == 0;
         let rollback = live && rng.random_range(0..8) == 0;
         // The target starts with garbage: zero ranges must really zero it.
-        let target_disks = source_disks.iter().map(|d| vec![0xAA; d.len()]).collect();
+        let target_disks = target_disks_init(&source_disks);
         let write_failure_per_mille = if rng.random_range(0..10) == 0 { 20 } else { 0 };
         let corruption_per_mille =
             if config.verify == VerifyMode::ReadBack && rng.random_range(0..10) == 0 {
@@ -181,6 +211,13 @@ impl World {
             };
         let source = SourceMigration::new(config, specs);
         let streams = source.data_streams() as usize;
+        let cuts_left = if resumable { rng.random_range(0..4) } else { 0 };
+        let crashes = rng.random_range(0..3) == 0;
+        let target_durable = if crashes {
+            target_disks_init(&source_disks)
+        } else {
+            Vec::new()
+        };
         World {
             source,
             rng,
@@ -212,6 +249,78 @@ impl World {
             mirrored_writes: 0,
             switchover_wanted: false,
             early_switchover,
+            cuts_left,
+            cuts: 0,
+            crashes,
+            target_durable,
+            kept: None,
+            resumed_from_start: false,
+        }
+    }
+
+    /// Cuts the link: everything in flight is lost; the target's IO drains (or, crashing,
+    /// partly survives); the source waits to reconnect.
+    fn cut(&mut self) {
+        self.cuts_left -= 1;
+        self.cuts += 1;
+        self.to_target_control.clear();
+        self.to_source_control.clear();
+        for queue in &mut self.to_target_data {
+            queue.clear();
+        }
+        self.source.handle_transport_failed("link cut".into());
+        let crash = self.crashes && self.rng.random();
+        if let Some(mut target) = self.target.take() {
+            target.handle_transport_failed("link cut".into());
+            self.target = Some(target);
+            // The dead connection's IO completes (crashing: some of it never happens).
+            while !self.target_ios.is_empty() {
+                let index = self.rng.random_range(0..self.target_ios.len());
+                let io = self.target_ios.swap_remove(index);
+                if crash && self.rng.random() {
+                    let token = match io {
+                        TargetIo::Write { token, .. }
+                        | TargetIo::WriteZeroes { token, .. }
+                        | TargetIo::Flush { token, .. }
+                        | TargetIo::MarkComplete { token }
+                        | TargetIo::Digest { token, .. } => token,
+                    };
+                    // Completion without effect: the process died before the write.
+                    let target = self.target.as_mut().unwrap();
+                    target.handle_io_failed(token, 0, "crashed".into());
+                    continue;
+                }
+                self.complete_target_io(io);
+            }
+            let target = self.target.take().unwrap();
+            assert_eq!(target.io_in_flight(), 0, "the dead connection's IO drained");
+            self.kept = Some(if crash {
+                Kept::Images
+            } else {
+                Kept::Session(target.into_session())
+            });
+        }
+        if crash {
+            // Each 4 KiB block written since the last flush survives or not.
+            for (disk, durable) in self.target_disks.iter_mut().zip(&self.target_durable) {
+                for (block, old) in disk.chunks_mut(4096).zip(durable.chunks(4096)) {
+                    if block != old && self.rng.random() {
+                        block.copy_from_slice(old);
+                    }
+                }
+            }
+            if self.rng.random_range(0..4) == 0 {
+                // The session is gone (the image was recreated).
+                self.kept = Some(Kept::Nothing);
+                for disk in &mut self.target_disks {
+                    disk.fill(0xAA);
+                }
+                self.target_durable = self.target_disks.clone();
+            }
+        }
+        if self.source.is_finished() {
+            // Lost in a phase that cannot resume: both sides report the failure.
+            self.target_result = Some(Err(MigrationError::Transport("link cut".into())));
         }
     }
 
@@ -283,6 +392,9 @@ impl World {
                     self.source_result = Some(Ok(()));
                 }
                 SourceEvent::Failed(e) => self.source_result = Some(Err(e)),
+                SourceEvent::Resumed { from_start, .. } => {
+                    self.resumed_from_start |= from_start;
+                }
                 SourceEvent::SwitchedOver { verified } => {
                     assert!(verified);
                     // Handoff: the target must equal the source now, before commit (I1).
@@ -352,6 +464,16 @@ impl World {
         if self.live && self.source.poll_timeout().is_some() {
             choices.push(7);
         }
+        let running = self.source_result.is_none() && self.target_result.is_none();
+        if running && self.cuts_left > 0 && self.rng.random_range(0..50) == 0 {
+            choices.push(8);
+        }
+        if running
+            && self.source.is_disconnected()
+            && self.source.progress().phase == "disconnected"
+        {
+            choices.push(9);
+        }
         let Some(&choice) = choices.get(self.rng.random_range(0..choices.len().max(1))) else {
             return false;
         };
@@ -366,7 +488,9 @@ impl World {
                     (None, Control::Hello(hello)) => {
                         let sizes: Vec<u64> =
                             self.target_disks.iter().map(|d| d.len() as u64).collect();
-                        let (target, welcome) = TargetMigration::accept(&hello, &sizes).unwrap();
+                        let kept = self.kept.take().unwrap_or_default();
+                        let (target, welcome) =
+                            TargetMigration::accept(&hello, &sizes, kept).unwrap();
                         self.target = Some(target);
                         self.to_source_control.push_back(welcome.encode());
                     }
@@ -424,9 +548,11 @@ impl World {
                     self.switchover_wanted = true;
                 }
             }
-            _ => {
+            7 => {
                 self.now = self.source.poll_timeout().unwrap().max(self.now);
             }
+            8 => self.cut(),
+            _ => self.source.handle_reconnected(),
         }
         true
     }
@@ -492,9 +618,14 @@ impl World {
                 bytes[offset as usize..(offset + len) as usize].fill(0);
                 target.handle_io_done(token);
             }
-            TargetIo::Flush { token, .. } | TargetIo::MarkComplete { token } => {
+            TargetIo::Flush { token, disk } => {
+                if self.crashes {
+                    self.target_durable[disk as usize]
+                        .clone_from(&self.target_disks[disk as usize]);
+                }
                 target.handle_io_done(token)
             }
+            TargetIo::MarkComplete { token } => target.handle_io_done(token),
             TargetIo::Digest {
                 token,
                 disk,
@@ -526,6 +657,12 @@ enum Outcome {
     DiskFailure,
     CorruptionCaught,
     RolledBack,
+    /// Completed after the link was cut at least once.
+    Resumed,
+    /// Completed after a crashed target lost the session (the copy started over).
+    ResumedFromStart,
+    /// The link was cut in a phase that cannot resume (or the source cannot reconnect).
+    LinkLost,
 }
 
 fn run_seed(seed: u64) -> Outcome {
@@ -555,7 +692,11 @@ fn run_seed(seed: u64) -> Outcome {
                 world.source_disks == world.target_disks,
                 "seed={seed}: target differs from source after a verified migration"
             );
-            if world.mirrored_writes > 0 {
+            if world.resumed_from_start {
+                Outcome::ResumedFromStart
+            } else if world.cuts > 0 {
+                Outcome::Resumed
+            } else if world.mirrored_writes > 0 {
                 Outcome::CompletedMirrored
             } else if world.guest_writes > 0 {
                 Outcome::CompletedLive
@@ -571,6 +712,7 @@ fn run_seed(seed: u64) -> Outcome {
             assert!(world.source_disks == world.target_disks);
             Outcome::RolledBack
         }
+        (Some(Err(MigrationError::Transport(_))), _) if world.cuts > 0 => Outcome::LinkLost,
         (Some(Err(MigrationError::VerifyMismatch { .. })), _) => {
             assert!(
                 world.corrupted,
@@ -624,6 +766,9 @@ fn migrations_complete_with_target_equal_to_source_under_any_interleaving() {
             Outcome::DiskFailure,
             Outcome::CorruptionCaught,
             Outcome::RolledBack,
+            Outcome::Resumed,
+            Outcome::ResumedFromStart,
+            Outcome::LinkLost,
         ] {
             assert!(outcomes.contains_key(&outcome), "no seed ended {outcome:?}");
         }
@@ -642,9 +787,11 @@ fn an_older_generation_never_overwrites_a_newer_one() {
         disks: vec![tern_transport::DiskInfo {
             size: 8192,
             identity: "d".into(),
+            allocated: 0,
         }],
+        resume: false,
     };
-    let (mut target, _) = TargetMigration::accept(&hello, &[8192]).unwrap();
+    let (mut target, _) = TargetMigration::accept(&hello, &[8192], Kept::Nothing).unwrap();
     let data = |byte: u8, generation: u64| Frame::Data {
         disk: 0,
         chunk: 0,
@@ -682,7 +829,9 @@ fn a_frame_outside_the_disk_fails_the_migration_and_writes_nothing() {
         disks: vec![tern_transport::DiskInfo {
             size: 10_000,
             identity: "d".into(),
+            allocated: 0,
         }],
+        resume: false,
     };
     for frame in [
         Frame::Zero {
@@ -705,7 +854,7 @@ fn a_frame_outside_the_disk_fails_the_migration_and_writes_nothing() {
             data: Bytes::from(vec![1u8; 4096]),
         },
     ] {
-        let (mut target, _) = TargetMigration::accept(&hello, &[10_000]).unwrap();
+        let (mut target, _) = TargetMigration::accept(&hello, &[10_000], Kept::Nothing).unwrap();
         target.handle_frame(0, frame.clone());
         assert_eq!(target.poll_io(), None, "{frame:?} reached the disk");
         assert!(matches!(
@@ -750,6 +899,8 @@ fn a_digest_mismatch_names_the_byte_range() {
     source.handle_control(Control::Welcome(tern_transport::Welcome {
         version: tern_transport::PROTOCOL_VERSION,
         features: tern_transport::control::FEATURES_SUPPORTED,
+        resumed: false,
+        digests_kept: false,
     }));
     drain(&mut source, &mut sent);
     let read = source.poll_io().expect("one read");

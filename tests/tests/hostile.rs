@@ -56,7 +56,9 @@ async fn target_error_after(dir: &Path, bad: Vec<u8>) -> MigrationError {
         disks: vec![DiskInfo {
             size: DISK_BYTES,
             identity: "hostile".into(),
+            allocated: DISK_BYTES,
         }],
+        resume: false,
     });
     control.send(hello.encode()).await.unwrap();
     let mut data = connection.open_uni().await.unwrap();

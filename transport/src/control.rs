@@ -30,6 +30,9 @@ pub struct DiskInfo {
     /// An identity of the image the source copies (a name chosen by the operator or the path),
     /// so a target can refuse to overwrite the wrong image.
     pub identity: String,
+    /// Bytes the source holds allocated (an upper bound of the data that will be written),
+    /// so a target whose file system cannot hold them refuses before any data flows.
+    pub allocated: u64,
 }
 
 /// The source's first message.
@@ -47,6 +50,9 @@ pub struct Hello {
     pub data_streams: u16,
     /// The disks, in index order.
     pub disks: Vec<DiskInfo>,
+    /// This connection continues the session `session_id` after a lost link: a target that
+    /// still holds the session's images keeps them and answers `resumed: true`.
+    pub resume: bool,
 }
 
 /// The target's answer to [`Hello`].
@@ -56,6 +62,14 @@ pub struct Welcome {
     pub version: u16,
     /// Feature bits both sides support.
     pub features: u64,
+    /// The target holds the images of the session being resumed (see [`Hello::resume`]): the
+    /// source resends only what the target never confirmed durable. `false` on a resume
+    /// means the target lost the session; the source starts the copy again from the start.
+    pub resumed: bool,
+    /// On a resumed session: the target still has the digests of everything written in the
+    /// session (it kept them in memory across the lost link). `false` after a target restart:
+    /// the source then verifies by reading the target back instead.
+    pub digests_kept: bool,
 }
 
 /// Why a peer gave up. Sent in [`Control::Error`] before closing.
@@ -214,7 +228,9 @@ mod tests {
             disks: vec![DiskInfo {
                 size: 1 << 30,
                 identity: "vm1-root".into(),
+                allocated: 1 << 29,
             }],
+            resume: true,
         });
         let frame = hello.encode();
         let mut bytes = frame.header.to_vec();

@@ -19,7 +19,8 @@ use crate::error::DecodeError;
 /// `"TRN1"` read as a little-endian u32: the first four bytes of every frame.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TRN1");
 /// The wire protocol version this build speaks. Version 0 is invalid by convention.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added resumption (`Hello::resume`, `Welcome::resumed`) and `DiskInfo::allocated`.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_BYTES: usize = 48;
 /// The largest uncompressed payload of one data frame (and of one control message).

@@ -23,5 +23,7 @@ pub use frame::{
     encode_header, encode_zero,
 };
 pub use identity::{Fingerprint, Identity};
-pub use quic::{FrameReader, FrameWriter, TransportTuning, connect, listen};
+pub use quic::{
+    FrameReader, FrameWriter, TransportTuning, client_config, connect, listen, reconnect,
+};
 pub use quinn;

@@ -139,6 +139,34 @@ pub async fn connect(
     peer: Fingerprint,
     tuning: &TransportTuning,
 ) -> Result<(Endpoint, quinn::Connection), TransportError> {
+    let client = client_config(identity, peer, tuning)?;
+    let local: SocketAddr = if target.is_ipv6() {
+        "[::]:0".parse().expect("valid address")
+    } else {
+        "0.0.0.0:0".parse().expect("valid address")
+    };
+    let endpoint = endpoint(local, None)?;
+    let connection = endpoint.connect_with(client, target, "tern")?.await?;
+    Ok((endpoint, connection))
+}
+
+/// Connects again from an existing endpoint (after a lost link), with a configuration
+/// from [`client_config`].
+pub async fn reconnect(
+    endpoint: &Endpoint,
+    target: SocketAddr,
+    client: quinn::ClientConfig,
+) -> Result<quinn::Connection, TransportError> {
+    Ok(endpoint.connect_with(client, target, "tern")?.await?)
+}
+
+/// The client side of mutual TLS: presents `identity`, accepts only a server whose
+/// certificate has fingerprint `peer`.
+pub fn client_config(
+    identity: &Identity,
+    peer: Fingerprint,
+    tuning: &TransportTuning,
+) -> Result<quinn::ClientConfig, TransportError> {
     let provider = provider();
     let verifier = Arc::new(PinnedVerifier::new(peer, provider.clone()));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -151,14 +179,7 @@ pub async fn connect(
         .map_err(|e| TransportError::BadIdentity(format!("QUIC TLS: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(tuning.transport_config()));
-    let local: SocketAddr = if target.is_ipv6() {
-        "[::]:0".parse().expect("valid address")
-    } else {
-        "0.0.0.0:0".parse().expect("valid address")
-    };
-    let endpoint = endpoint(local, None)?;
-    let connection = endpoint.connect_with(client, target, "tern")?.await?;
-    Ok((endpoint, connection))
+    Ok(client)
 }
 
 /// Writes frames to a QUIC send stream.

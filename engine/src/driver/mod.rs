@@ -6,7 +6,7 @@
 pub mod source;
 pub mod target;
 
-pub use source::{Command, LiveHooks, SourceOptions, SourceReport, run_source};
+pub use source::{Command, LiveHooks, Reconnect, SourceOptions, SourceReport, run_source};
 pub use target::{
     OnAccepted, OnComplete, TargetHooks, TargetReport, incomplete_marker, run_target,
     run_target_with, serve_one, serve_one_with,
@@ -36,8 +36,8 @@ pub(crate) async fn read_control<I>(
     connection: tern_transport::quinn::Connection,
     mut reader: tern_transport::FrameReader,
     tx: tokio::sync::mpsc::UnboundedSender<I>,
-    message: fn(tern_transport::Control) -> I,
-    failed: fn(String) -> I,
+    message: impl Fn(tern_transport::Control) -> I,
+    failed: impl Fn(String) -> I,
 ) {
     use tern_transport::{Control, Frame};
     loop {

@@ -3,6 +3,11 @@
 //! It only moves bytes: reads what the machine asks for, encodes and writes the frames it
 //! yields, and feeds back completions and control messages. Compression runs in the
 //! per-stream writer tasks, so several frames compress in parallel.
+//!
+//! With [`SourceOptions::reconnect`], a lost link is not the end: the driver drops the
+//! connection, reconnects with bounded backoff, and the machine resumes the session (see
+//! [`SourceMigration::handle_transport_failed`]). Inputs carry the number of the link they
+//! came from, so nothing from a dead connection reaches the machine after it moved on.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,7 +46,65 @@ pub struct SourceOptions {
     /// A cap shared with other migrations (a daemon's total bandwidth), applied on top of
     /// `rate_limit_bytes_per_s`; `None` for none.
     pub shared_rate_limit: Option<Arc<Throttle>>,
+    /// How to get a new connection after a lost link; `None` fails the migration instead.
+    pub reconnect: Option<Reconnect>,
 }
+
+/// A future that opens a new connection to the target.
+pub type ConnectFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<quinn::Connection, String>> + Send>>;
+
+/// How the source driver reconnects after a lost link.
+#[derive(Clone)]
+pub struct Reconnect {
+    /// Opens a new connection to the same target (same address, same identities).
+    pub connect: Arc<dyn Fn() -> ConnectFuture + Send + Sync>,
+    /// Give up (and fail the migration) once the link has been down this long.
+    pub give_up_after: Duration,
+}
+
+impl Reconnect {
+    /// Reconnects from `endpoint` to `target` with the same identities and tuning, giving up
+    /// after `give_up_after`.
+    pub fn to(
+        endpoint: quinn::Endpoint,
+        target: std::net::SocketAddr,
+        identity: &tern_transport::Identity,
+        peer: tern_transport::Fingerprint,
+        tuning: &tern_transport::TransportTuning,
+        give_up_after: Duration,
+    ) -> Result<Self, MigrationError> {
+        let client = tern_transport::client_config(identity, peer, tuning)
+            .map_err(|e| MigrationError::Transport(e.to_string()))?;
+        Ok(Self {
+            connect: Arc::new(move || {
+                let endpoint = endpoint.clone();
+                let client = client.clone();
+                Box::pin(async move {
+                    tern_transport::reconnect(&endpoint, target, client)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            }),
+            give_up_after,
+        })
+    }
+}
+
+impl std::fmt::Debug for Reconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconnect")
+            .field("give_up_after", &self.give_up_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// First wait between reconnection attempts; it doubles up to [`RECONNECT_BACKOFF_MAX`].
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between reconnection attempts.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// One connection attempt may take this long (handshake included).
+const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a live migration adds to a copy: the dirty bitmaps guest writes mark, commands from
 /// the embedding VMM, and a channel for the machine's events.
@@ -91,10 +154,126 @@ pub struct SourceReport {
 }
 
 enum Input {
-    ReadDone { token: u64, data: Bytes },
-    ReadFailed { token: u64, message: String },
-    Control(Control),
-    TransportFailed(String),
+    ReadDone {
+        token: u64,
+        data: Bytes,
+    },
+    ReadFailed {
+        token: u64,
+        message: String,
+    },
+    /// A control message from link number `.0`.
+    Control(u64, Control),
+    /// Link number `.0` failed.
+    TransportFailed(u64, String),
+    /// A new connection after a lost link.
+    Reconnected(quinn::Connection),
+    /// Reconnecting took too long.
+    ReconnectFailed(String),
+}
+
+/// One connection's streams and writer tasks.
+struct Link {
+    number: u64,
+    connection: quinn::Connection,
+    control: FrameWriter,
+    data_tx: Vec<mpsc::Sender<Transmit>>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What every link's writers share.
+struct WriterShared {
+    compression: CompressionMode,
+    frames_compressed: Arc<std::sync::atomic::AtomicU64>,
+    rate_limit: Arc<Throttle>,
+    shared_rate_limit: Option<Arc<Throttle>>,
+}
+
+impl Link {
+    /// Opens the control stream and the machine's data streams on `connection`.
+    async fn open(
+        number: u64,
+        connection: quinn::Connection,
+        machine: &SourceMigration,
+        shared: &WriterShared,
+        input_tx: &mpsc::UnboundedSender<Input>,
+    ) -> Result<Link, String> {
+        let (control_send, control_recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        tokio::spawn(super::read_control(
+            connection.clone(),
+            FrameReader::new(control_recv),
+            input_tx.clone(),
+            move |message| Input::Control(number, message),
+            move |error| Input::TransportFailed(number, error),
+        ));
+        let mut data_tx = Vec::new();
+        let mut writers = Vec::new();
+        for index in 0..machine.data_streams() {
+            let stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+            if machine.mirror_stream() == Some(index) {
+                // Mirrored guest writes go first: quinn sends higher-priority streams' data
+                // before others'.
+                let _ = stream.set_priority(1);
+            }
+            let (tx, rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
+            data_tx.push(tx);
+            writers.push(tokio::spawn(write_data(
+                FrameWriter::new(stream),
+                rx,
+                CompressionPolicy::new(shared.compression),
+                input_tx.clone(),
+                number,
+                shared.frames_compressed.clone(),
+                shared.rate_limit.clone(),
+                shared.shared_rate_limit.clone(),
+            )));
+        }
+        Ok(Link {
+            number,
+            connection,
+            control: FrameWriter::new(control_send),
+            data_tx,
+            writers,
+        })
+    }
+
+    /// Drops a dead link: its writers stop, the connection closes.
+    fn abandon(self, reason: &str) -> u64 {
+        for writer in &self.writers {
+            writer.abort();
+        }
+        self.connection
+            .close(super::target::CLOSE_FAILED.into(), reason.as_bytes());
+        self.connection.stats().udp_tx.bytes
+    }
+}
+
+/// Tries to connect until it works or `give_up_after` has passed since `down_since`.
+async fn reconnect(
+    reconnect: Reconnect,
+    down_since: Instant,
+    input_tx: mpsc::UnboundedSender<Input>,
+) {
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut last_error = String::from("no attempt made");
+    while down_since.elapsed() < reconnect.give_up_after {
+        match tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, (reconnect.connect)()).await {
+            Ok(Ok(connection)) => {
+                let _ = input_tx.send(Input::Reconnected(connection));
+                return;
+            }
+            Ok(Err(e)) => last_error = e,
+            Err(_) => last_error = "connection attempt timed out".into(),
+        }
+        tracing::debug!(error = %last_error, "reconnect attempt failed");
+        let left = reconnect.give_up_after.saturating_sub(down_since.elapsed());
+        tokio::time::sleep(backoff.min(left)).await;
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+    let _ = input_tx.send(Input::ReconnectFailed(format!(
+        "down for {:.1} s; last attempt: {last_error}",
+        down_since.elapsed().as_secs_f64()
+    )));
 }
 
 /// Runs a migration of `disks` (with their identities) over `connection`.
@@ -151,56 +330,45 @@ pub async fn run_source(
         });
     }
     let devices: Vec<BlockDevice> = disks.into_iter().map(|(disk, _)| disk).collect();
-    let transport = |e: &dyn std::fmt::Display| MigrationError::Transport(e.to_string());
-
-    let (control_send, control_recv) = connection.open_bi().await.map_err(|e| transport(&e))?;
-    let mut control = FrameWriter::new(control_send);
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
-    tokio::spawn(super::read_control(
-        connection.clone(),
-        FrameReader::new(control_recv),
-        input_tx.clone(),
-        Input::Control,
-        Input::TransportFailed,
-    ));
-
-    let frames_compressed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // One bucket shared by all data streams, so the cap holds for the connection.
     let rate_limit = Arc::new(Throttle::new());
     rate_limit.set_rate(options.rate_limit_bytes_per_s.unwrap_or(0));
-    let mut machine = SourceMigration::new(options.config, source_disks);
-    let mut data_tx = Vec::new();
-    let mut writers = Vec::new();
-    for index in 0..machine.data_streams() {
-        let stream = connection.open_uni().await.map_err(|e| transport(&e))?;
-        if machine.mirror_stream() == Some(index) {
-            // Mirrored guest writes go first: quinn sends higher-priority streams' data
-            // before others'.
-            let _ = stream.set_priority(1);
-        }
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
-        data_tx.push(tx);
-        writers.push(tokio::spawn(write_data(
-            FrameWriter::new(stream),
-            rx,
-            CompressionPolicy::new(options.compression),
-            input_tx.clone(),
-            frames_compressed.clone(),
-            rate_limit.clone(),
-            options.shared_rate_limit.clone(),
-        )));
-    }
+    let shared = WriterShared {
+        compression: options.compression,
+        frames_compressed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        rate_limit,
+        shared_rate_limit: options.shared_rate_limit.clone(),
+    };
+    let mut config = options.config;
+    config.resumable = options.reconnect.is_some();
+    let mut machine = SourceMigration::new(config, source_disks);
+    let mut link = Some(
+        Link::open(0, connection.clone(), &machine, &shared, &input_tx)
+            .await
+            .map_err(MigrationError::Transport)?,
+    );
+    let mut links_opened = 1u64;
+    // UDP bytes sent by links that are gone.
+    let mut bytes_wire_closed = 0u64;
 
     let result = loop {
         while let Some(transmit) = machine.poll_transmit() {
+            let Some(current) = link.as_mut() else {
+                // Only a failure's error frame is produced without a link; nobody hears it.
+                continue;
+            };
             match transmit {
                 Transmit::Control(message) => {
-                    if let Err(e) = control.send(message.encode()).await {
-                        machine.handle_transport_failed(e.to_string());
+                    if let Err(e) = current.control.send(message.encode()).await {
+                        machine.handle_transport_failed(super::describe_failure(
+                            &current.connection,
+                            &e,
+                        ));
                     }
                 }
                 data @ (Transmit::Data { stream, .. } | Transmit::Zero { stream, .. }) => {
-                    if data_tx[stream as usize].send(data).await.is_err() {
+                    if current.data_tx[stream as usize].send(data).await.is_err() {
                         machine.handle_transport_failed("data stream writer stopped".into());
                     }
                     // Sending a long queue can take a while (the writers' queues are short):
@@ -216,7 +384,10 @@ pub async fn run_source(
                     if !mirror_jobs.is_empty() {
                         // Mirror reads and acks that completed meanwhile move on too.
                         while let Ok(input) = input_rx.try_recv() {
-                            handle_input(&mut machine, input);
+                            if let Some(input) = handle_input(&mut machine, input, &link) {
+                                input_tx.send(input).expect("the driver holds the receiver");
+                                break;
+                            }
                         }
                         while let Some((token, mirrored)) = machine.poll_mirrored() {
                             if let Some(job) = mirror_jobs.remove(&token) {
@@ -246,6 +417,31 @@ pub async fn run_source(
                 SourceEvent::Completed(summary) => finished = Some(Ok(summary)),
                 SourceEvent::Failed(error) => finished = Some(Err(error)),
                 SourceEvent::Connected => tracing::info!("target accepted the handshake"),
+                SourceEvent::LinkDown { ref message } => {
+                    let reconnect = options
+                        .reconnect
+                        .clone()
+                        .expect("only a resumable machine loses its link");
+                    tracing::warn!(
+                        error = %message,
+                        give_up_after_s = reconnect.give_up_after.as_secs_f64(),
+                        "link lost; guest writes are tracked while reconnecting"
+                    );
+                    if let Some(dead) = link.take() {
+                        bytes_wire_closed += dead.abandon("link lost");
+                    }
+                    tokio::spawn(self::reconnect(reconnect, Instant::now(), input_tx.clone()));
+                }
+                SourceEvent::Resumed {
+                    from_start,
+                    bytes_requeued,
+                } => {
+                    if from_start {
+                        tracing::warn!("target lost the session: copying again from the start");
+                    } else {
+                        tracing::info!(bytes_requeued, "resumed on a new connection");
+                    }
+                }
                 SourceEvent::BulkDone => tracing::info!("bulk pass sent"),
                 SourceEvent::Flushed => tracing::info!("target flushed"),
                 SourceEvent::ModeChanged {
@@ -339,7 +535,26 @@ pub async fn run_source(
             }
             () = sleep_until(deadline), if deadline.is_some() => continue,
         };
-        handle_input(&mut machine, input);
+        match handle_input(&mut machine, input, &link) {
+            Some(Input::Reconnected(connection)) => {
+                let number = links_opened;
+                links_opened += 1;
+                match Link::open(number, connection, &machine, &shared, &input_tx).await {
+                    Ok(new) => {
+                        tracing::info!(link = number, "reconnected; resuming the session");
+                        link = Some(new);
+                        machine.handle_reconnected();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "new connection failed at once; retrying");
+                        let reconnect = options.reconnect.clone().expect("resumable");
+                        tokio::spawn(self::reconnect(reconnect, Instant::now(), input_tx.clone()));
+                    }
+                }
+            }
+            Some(Input::ReconnectFailed(message)) => machine.give_up(message),
+            _ => {}
+        }
     };
     // However it ended, the guest is no longer slowed down for the migration's sake, and
     // its writes are tracked in the bitmap again; writes still waiting for a mirror are
@@ -357,6 +572,16 @@ pub async fn run_source(
     for (_, job) in mirror_jobs.drain() {
         job.finish(false);
     }
+    let Some(Link {
+        connection: last_connection,
+        mut control,
+        data_tx,
+        writers,
+        ..
+    }) = link
+    else {
+        return Err(result.expect_err("a migration completes only over a link"));
+    };
     // Flush a pending error frame to the target before closing.
     while let Some(Transmit::Control(message)) = machine.poll_transmit() {
         let _ = control.send(message.encode()).await;
@@ -367,29 +592,43 @@ pub async fn run_source(
     }
     control.finish();
     if let Err(error) = &result {
-        super::target::close_with_error(connection, error);
+        super::target::close_with_error(&last_connection, error);
     }
     let summary = result?;
-    let bytes_wire = connection.stats().udp_tx.bytes;
+    let bytes_wire = bytes_wire_closed + last_connection.stats().udp_tx.bytes;
+    // The target waits for us to close (it has sent its last word); after a reconnect the
+    // caller only knows the first connection, so close the last one here.
+    last_connection.close(0u32.into(), b"done");
     Ok(SourceReport {
         summary,
         bytes_wire,
-        frames_compressed: frames_compressed.load(std::sync::atomic::Ordering::Relaxed),
+        frames_compressed: shared
+            .frames_compressed
+            .load(std::sync::atomic::Ordering::Relaxed),
         duration: started.elapsed(),
         downtime,
     })
 }
 
-fn handle_input(machine: &mut SourceMigration, input: Input) {
+/// Feeds an input to the machine; inputs of links other than the current one are dropped
+/// (they come from a connection the machine already gave up). Reconnection inputs are the
+/// driver's own business and are handed back.
+fn handle_input(machine: &mut SourceMigration, input: Input, link: &Option<Link>) -> Option<Input> {
+    let current = link.as_ref().map(|l| l.number);
     match input {
         Input::ReadDone { token, data } => machine.handle_read_done(token, data),
         Input::ReadFailed { token, message } => machine.handle_read_failed(token, message),
-        Input::Control(message) => {
+        Input::Control(number, message) if Some(number) == current => {
             tracing::debug!(?message, "control received");
             machine.handle_control(message)
         }
-        Input::TransportFailed(message) => machine.handle_transport_failed(message),
+        Input::TransportFailed(number, message) if Some(number) == current => {
+            machine.handle_transport_failed(message)
+        }
+        Input::Control(..) | Input::TransportFailed(..) => {}
+        other @ (Input::Reconnected(_) | Input::ReconnectFailed(_)) => return Some(other),
     }
+    None
 }
 
 /// Submits the reads the machine asked for; their completions come back as inputs.
@@ -434,11 +673,13 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn write_data(
     mut writer: FrameWriter,
     mut rx: mpsc::Receiver<Transmit>,
     mut policy: CompressionPolicy,
     failed: mpsc::UnboundedSender<Input>,
+    link: u64,
     frames_compressed: Arc<std::sync::atomic::AtomicU64>,
     rate_limit: Arc<Throttle>,
     shared_rate_limit: Option<Arc<Throttle>>,
@@ -486,7 +727,7 @@ async fn write_data(
             tokio::time::sleep(wait).await;
         }
         if let Err(e) = writer.send(frame).await {
-            let _ = failed.send(Input::TransportFailed(e.to_string()));
+            let _ = failed.send(Input::TransportFailed(link, e.to_string()));
             return;
         }
         if raw_bytes > 0 {

@@ -2,21 +2,29 @@
 //! [`TargetMigration`] over real image files.
 //!
 //! While a migration runs, each image has a marker file next to it
-//! (`IMAGE.tern-incomplete`); it is removed only after the source confirmed a verified copy
-//! and the image was flushed. An image with a marker must never be used (invariant I4).
+//! (`IMAGE.tern-incomplete`, naming the session); it is removed only after the source
+//! confirmed a verified copy and the image was flushed. An image with a marker must never
+//! be used (invariant I4).
+//!
+//! Resumption: when a connection is lost (and [`TargetHooks::resume_window`] allows), the
+//! driver first waits for every IO of the dead connection to complete, then keeps the
+//! session's tables and waits for the source to come back. A restarted target recognises
+//! its session from the marker instead (without the tables). Either way the images are kept
+//! and the source resends what this target never confirmed durable.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_blockdev::{BlockDevice, IoBuf, IoOp, OpenOptions};
+use tern_transport::Hello;
 use tern_transport::quinn;
 use tern_transport::{Control, ErrorCode, Frame, FrameReader, FrameWriter};
 use tokio::sync::mpsc;
 
 use crate::digest::{digest, zero_digest};
 use crate::error::MigrationError;
-use crate::target::{TargetEvent, TargetIo, TargetMigration};
+use crate::target::{Kept, SessionTables, TargetEvent, TargetIo, TargetMigration};
 
 /// How long a connected source may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +49,38 @@ pub fn incomplete_marker(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".tern-incomplete");
     PathBuf::from(name)
+}
+
+/// The marker's text for a session: a restarted target reads the session id back.
+fn marker_text(session_id: &[u8; 16]) -> String {
+    let hex: String = session_id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("tern migration in progress\nsession {hex}\n")
+}
+
+/// Writes the marker and makes it durable before any byte of the image changes.
+fn write_marker(image: &Path, session_id: &[u8; 16]) -> std::io::Result<()> {
+    use std::io::Write;
+    let marker = incomplete_marker(image);
+    let mut file = std::fs::File::create(&marker)?;
+    file.write_all(marker_text(session_id).as_bytes())?;
+    file.sync_all()?;
+    sync_parent(image)
+}
+
+fn sync_parent(image: &Path) -> std::io::Result<()> {
+    let dir = image
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// True when every image has a marker naming this session (a restarted target resuming).
+fn markers_name_session(images: &[PathBuf], session_id: &[u8; 16]) -> bool {
+    let text = marker_text(session_id);
+    images.iter().all(|image| {
+        std::fs::read_to_string(incomplete_marker(image)).is_ok_and(|found| found == text)
+    })
 }
 
 enum Input {
@@ -79,13 +119,17 @@ pub async fn serve_one(
     serve_one_with(endpoint, images, open, TargetHooks::default()).await
 }
 
-/// Callbacks of a target run (a daemon's NBD export follows the migration with them).
+/// Callbacks and policy of a target run (a daemon's NBD export follows the migration with
+/// the callbacks).
 #[derive(Clone, Default)]
 pub struct TargetHooks {
     /// The source's handshake was accepted: the images exist, with these sizes.
     pub on_accepted: Option<OnAccepted>,
     /// The images are durably complete (see [`OnComplete`]).
     pub on_complete: Option<OnComplete>,
+    /// After a lost link, wait this long for the source to resume the session before
+    /// failing; `None` fails at once.
+    pub resume_window: Option<Duration>,
 }
 
 impl std::fmt::Debug for TargetHooks {
@@ -93,6 +137,7 @@ impl std::fmt::Debug for TargetHooks {
         f.debug_struct("TargetHooks")
             .field("on_accepted", &self.on_accepted.is_some())
             .field("on_complete", &self.on_complete.is_some())
+            .field("resume_window", &self.resume_window)
             .finish()
     }
 }
@@ -104,19 +149,55 @@ pub async fn serve_one_with(
     open: &OpenOptions,
     hooks: TargetHooks,
 ) -> Result<TargetReport, MigrationError> {
+    // The session of a lost link, and until when its source may come back.
+    let mut kept: Option<(KeptSession, Instant, MigrationError)> = None;
     loop {
-        let Some(incoming) = endpoint.accept().await else {
+        let incoming = match &kept {
+            Some((_, deadline, error)) => {
+                match tokio::time::timeout_at((*deadline).into(), endpoint.accept()).await {
+                    Ok(incoming) => incoming,
+                    Err(_) => {
+                        return Err(MigrationError::Transport(format!(
+                            "{error}; the source did not resume within the resume window"
+                        )));
+                    }
+                }
+            }
+            None => endpoint.accept().await,
+        };
+        let Some(incoming) = incoming else {
             return Err(MigrationError::Transport("endpoint closed".into()));
         };
         let remote = incoming.remote_address();
-        match incoming.await {
-            Ok(connection) => {
-                tracing::info!(%remote, "source connected");
-                return run_target_with(&connection, images, open, hooks).await;
+        let connection = match incoming.await {
+            Ok(connection) => connection,
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "refused connection");
+                continue;
             }
-            Err(e) => tracing::warn!(%remote, error = %e, "refused connection"),
+        };
+        tracing::info!(%remote, "source connected");
+        let previous = kept.take().map(|(session, _, _)| session);
+        match run_connection(&connection, images, open, &hooks, previous).await {
+            Ok(report) => return Ok(report),
+            Err((error, Some(session))) if hooks.resume_window.is_some() => {
+                let window = hooks.resume_window.expect("checked");
+                tracing::warn!(
+                    %error,
+                    window_s = window.as_secs_f64(),
+                    "link lost; keeping the session for the source to resume"
+                );
+                kept = Some((session, Instant::now() + window, error));
+            }
+            Err((error, _)) => return Err(error),
         }
     }
+}
+
+/// A session kept across a lost link.
+struct KeptSession {
+    session_id: [u8; 16],
+    tables: SessionTables,
 }
 
 /// Runs one migration on an established connection.
@@ -128,38 +209,77 @@ pub async fn run_target(
     run_target_with(connection, images, open, TargetHooks::default()).await
 }
 
-/// [`run_target`] with hooks (see [`TargetHooks`]).
+/// [`run_target`] with hooks (see [`TargetHooks`]; the resume window needs
+/// [`serve_one_with`], which can accept the next connection).
 pub async fn run_target_with(
     connection: &quinn::Connection,
     images: &[PathBuf],
     open: &OpenOptions,
     hooks: TargetHooks,
 ) -> Result<TargetReport, MigrationError> {
-    let TargetHooks {
-        on_accepted,
-        on_complete,
-    } = hooks;
+    run_connection(connection, images, open, &hooks, None)
+        .await
+        .map_err(|(error, _)| error)
+}
+
+/// What the driver kept, for this Hello.
+fn kept_for(hello: &Hello, images: &[PathBuf], previous: Option<KeptSession>) -> Kept {
+    match previous {
+        Some(session) if session.session_id == hello.session_id => Kept::Session(session.tables),
+        _ if hello.resume && markers_name_session(images, &hello.session_id) => Kept::Images,
+        _ => Kept::Nothing,
+    }
+}
+
+/// Refuses a source whose allocated bytes cannot fit in the free space (plus what the
+/// images already hold), before any byte is written.
+fn check_space(images: &[PathBuf], hello: &Hello) -> Result<(), (u32, String)> {
+    for (index, (image, disk)) in images.iter().zip(&hello.disks).enumerate() {
+        let dir = image
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let Ok(free) = tern_blockdev::free_bytes(dir) else {
+            continue; // unknown: the writes themselves will say
+        };
+        let held = std::fs::metadata(image).map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        });
+        if free.saturating_add(held) < disk.allocated {
+            return Err((
+                index as u32,
+                format!(
+                    "{} cannot hold the source's {} allocated bytes: {} bytes free on its file system",
+                    image.display(),
+                    disk.allocated,
+                    free
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one connection. On failure, also returns the session tables when the failure was
+/// the link's (so a resumed connection may continue them), after every IO of this
+/// connection completed.
+async fn run_connection(
+    connection: &quinn::Connection,
+    images: &[PathBuf],
+    open: &OpenOptions,
+    hooks: &TargetHooks,
+    previous: Option<KeptSession>,
+) -> Result<TargetReport, (MigrationError, Option<KeptSession>)> {
+    let on_accepted = hooks.on_accepted.clone();
+    let on_complete = hooks.on_complete.clone();
     let started = Instant::now();
     let transport = |e: &dyn std::fmt::Display| MigrationError::Transport(e.to_string());
-    let (control_send, control_recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
-        .await
-        .map_err(|_| MigrationError::Protocol("no control stream within 10 s".into()))?
-        .map_err(|e| transport(&e))?;
-    let mut control = FrameWriter::new(control_send);
-    let mut control_reader = FrameReader::new(control_recv);
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, control_reader.next()).await {
-        Ok(Ok(Some((Frame::Control(body), _)))) => match Control::decode(&body) {
-            Ok(Control::Hello(hello)) => hello,
-            Ok(_) => {
-                return Err(MigrationError::Protocol(
-                    "first message is not Hello".into(),
-                ));
-            }
-            Err(e) => return Err(MigrationError::Protocol(e.to_string())),
-        },
-        Ok(Ok(_)) => return Err(MigrationError::Protocol("expected a Hello frame".into())),
-        Ok(Err(e)) => return Err(transport(&e)),
-        Err(_) => return Err(MigrationError::Protocol("no Hello within 10 s".into())),
+    // Until the Hello names the kept session, failures hand it back untouched: a stray or
+    // hostile connection must not cost the real source its resumption.
+    let (mut control, control_reader, hello) = match read_hello(connection).await {
+        Ok(opened) => opened,
+        Err(error) => return Err((error, previous)),
     };
     let refuse = async |control: &mut FrameWriter, code, error: MigrationError| {
         let message = Control::Error {
@@ -169,7 +289,7 @@ pub async fn run_target_with(
         let _ = control.send(message.encode()).await;
         control.finish();
         close_with_error(connection, &error);
-        Err(error)
+        error
     };
     if hello.disks.len() != images.len() {
         let error = MigrationError::Incompatible(format!(
@@ -177,17 +297,29 @@ pub async fn run_target_with(
             hello.disks.len(),
             images.len()
         ));
-        return refuse(&mut control, ErrorCode::ImageMismatch, error).await;
+        let error = refuse(&mut control, ErrorCode::ImageMismatch, error).await;
+        return Err((error, previous));
+    }
+    let kept = kept_for(&hello, images, previous);
+    if matches!(kept, Kept::Nothing)
+        && let Err((disk, message)) = check_space(images, &hello)
+    {
+        let error = refuse(
+            &mut control,
+            ErrorCode::Disk,
+            MigrationError::Disk { disk, message },
+        )
+        .await;
+        return Err((error, None));
     }
     let mut devices = Vec::new();
     for (index, (image, info)) in images.iter().zip(&hello.disks).enumerate() {
-        let marker = incomplete_marker(image);
-        if let Err(e) = std::fs::write(&marker, b"tern migration in progress\n") {
+        if let Err(e) = write_marker(image, &hello.session_id) {
             let error = MigrationError::Disk {
                 disk: index as u32,
-                message: format!("cannot create {}: {e}", marker.display()),
+                message: format!("cannot create {}: {e}", incomplete_marker(image).display()),
             };
-            return refuse(&mut control, ErrorCode::Disk, error).await;
+            return Err((refuse(&mut control, ErrorCode::Disk, error).await, None));
         }
         let options = OpenOptions {
             create: Some(info.size),
@@ -203,19 +335,31 @@ pub async fn run_target_with(
                     disk: index as u32,
                     message: e.to_string(),
                 };
-                return refuse(&mut control, ErrorCode::ImageMismatch, error).await;
+                return Err((
+                    refuse(&mut control, ErrorCode::ImageMismatch, error).await,
+                    None,
+                ));
             }
         }
     }
     let sizes: Vec<u64> = devices.iter().map(BlockDevice::size).collect();
-    let (mut machine, welcome) = match TargetMigration::accept(&hello, &sizes) {
+    let resuming = !matches!(kept, Kept::Nothing);
+    let (mut machine, welcome) = match TargetMigration::accept(&hello, &sizes, kept) {
         Ok(accepted) => accepted,
-        Err(error) => return refuse(&mut control, ErrorCode::Incompatible, error).await,
+        Err(error) => {
+            return Err((
+                refuse(&mut control, ErrorCode::Incompatible, error).await,
+                None,
+            ));
+        }
     };
+    if hello.resume {
+        tracing::info!(resumed = resuming, "source resumes its session");
+    }
     control
         .send(welcome.encode())
         .await
-        .map_err(|e| transport(&e))?;
+        .map_err(|e| (transport(&e), None))?;
     if let Some(hook) = &on_accepted {
         hook(&sizes);
     }
@@ -291,10 +435,30 @@ pub async fn run_target_with(
         let _ = control.send(message.encode()).await;
     }
     control.finish();
-    if let Err(error) = &result {
-        close_with_error(connection, error);
+    if let Err(error) = result {
+        close_with_error(connection, &error);
+        // Nothing this connection issued may still run once another connection of the
+        // session writes: a late write would race a newer one of the same chunk (I3).
+        drop(frame_rx);
+        drop(priority_rx);
+        while machine.io_in_flight() > 0 {
+            match input_rx.recv().await.expect("the driver holds a sender") {
+                Input::IoDone(token) => machine.handle_io_done(token),
+                Input::IoFailed {
+                    token,
+                    disk,
+                    message,
+                } => machine.handle_io_failed(token, disk, message),
+                Input::Digests { token, digests } => machine.handle_digests_done(token, digests),
+                _ => {}
+            }
+        }
+        let session = matches!(error, MigrationError::Transport(_)).then(|| KeptSession {
+            session_id: hello.session_id,
+            tables: machine.into_session(),
+        });
+        return Err((error, session));
     }
-    result?;
     // Let the source read CompleteDone before the connection goes away; it closes first.
     let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
     Ok(TargetReport {
@@ -302,6 +466,34 @@ pub async fn run_target_with(
         bytes_written: machine.bytes_written(),
         duration: started.elapsed(),
     })
+}
+
+/// Accepts the control stream and reads the source's Hello.
+async fn read_hello(
+    connection: &quinn::Connection,
+) -> Result<(FrameWriter, FrameReader, Hello), MigrationError> {
+    let transport = |e: &dyn std::fmt::Display| MigrationError::Transport(e.to_string());
+    let (control_send, control_recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+        .await
+        .map_err(|_| MigrationError::Protocol("no control stream within 10 s".into()))?
+        .map_err(|e| transport(&e))?;
+    let control = FrameWriter::new(control_send);
+    let mut control_reader = FrameReader::new(control_recv);
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, control_reader.next()).await {
+        Ok(Ok(Some((Frame::Control(body), _)))) => match Control::decode(&body) {
+            Ok(Control::Hello(hello)) => hello,
+            Ok(_) => {
+                return Err(MigrationError::Protocol(
+                    "first message is not Hello".into(),
+                ));
+            }
+            Err(e) => return Err(MigrationError::Protocol(e.to_string())),
+        },
+        Ok(Ok(_)) => return Err(MigrationError::Protocol("expected a Hello frame".into())),
+        Ok(Err(e)) => return Err(transport(&e)),
+        Err(_) => return Err(MigrationError::Protocol("no Hello within 10 s".into())),
+    };
+    Ok((control, control_reader, hello))
 }
 
 /// Closes the connection with the error as the reason, so the source reports our words
