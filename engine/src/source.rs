@@ -129,7 +129,7 @@ impl Default for SourceConfig {
             session_id: [0; 16],
             live: None,
             resumable: false,
-            checkpoint_bytes: 64 << 20,
+            checkpoint_bytes: 16 << 20,
         }
     }
 }
@@ -1018,6 +1018,12 @@ impl SourceMigration {
             Some(phase) if self.config.resumable => self.link_lost(phase, message),
             _ => self.fail(MigrationError::Transport(message), false),
         }
+    }
+
+    /// The target closed the connection on purpose (its close reason says why): that is its
+    /// verdict, not a lost link, and is never resumed.
+    pub fn handle_peer_closed(&mut self, message: String) {
+        self.fail(MigrationError::Peer(message), false);
     }
 
     /// Enters `Disconnected`: requeues everything the target has not confirmed durable.

@@ -153,3 +153,80 @@ pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).expect("stat").blocks() * 512
 }
+
+/// A child whose stderr lines arrive on a channel (and are echoed to the test's stderr).
+pub struct Logged {
+    /// The process; killed when dropped.
+    pub child: KillOnDrop,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line seen so far by [`Logged::wait_line`].
+    pub seen: Vec<String>,
+}
+
+impl Logged {
+    /// Spawns `command` with stderr piped into the channel.
+    pub fn spawn(mut command: Command) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            child: KillOnDrop(child),
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `pattern`; panics with the log after `timeout`
+    /// or if the process ends first.
+    pub fn wait_line(&mut self, pattern: &str, timeout: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(pattern) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no line with {pattern:?} ({e}); log:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its status, stdout and the rest of its log.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String, Vec<String>) {
+        use std::io::Read;
+        let mut stdout = String::new();
+        if let Some(mut out) = self.child.0.stdout.take() {
+            let _ = out.read_to_string(&mut stdout);
+        }
+        let status = self.child.0.wait().expect("wait");
+        self.seen.extend(self.lines.iter());
+        (status, stdout, self.seen)
+    }
+}
+
+/// The value of `key=VALUE` in a tracing log line.
+pub fn log_field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}

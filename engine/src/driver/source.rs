@@ -361,15 +361,14 @@ pub async fn run_source(
             match transmit {
                 Transmit::Control(message) => {
                     if let Err(e) = current.control.send(message.encode()).await {
-                        machine.handle_transport_failed(super::describe_failure(
-                            &current.connection,
-                            &e,
-                        ));
+                        let message = super::describe_failure(&current.connection, &e);
+                        link_failed(&mut machine, &current.connection, message);
                     }
                 }
                 data @ (Transmit::Data { stream, .. } | Transmit::Zero { stream, .. }) => {
                     if current.data_tx[stream as usize].send(data).await.is_err() {
-                        machine.handle_transport_failed("data stream writer stopped".into());
+                        let message = "data stream writer stopped".to_string();
+                        link_failed(&mut machine, &current.connection, message);
                     }
                     // Sending a long queue can take a while (the writers' queues are short):
                     // meanwhile, guest writes waiting for a mirror are taken and their reads
@@ -623,12 +622,24 @@ fn handle_input(machine: &mut SourceMigration, input: Input, link: &Option<Link>
             machine.handle_control(message)
         }
         Input::TransportFailed(number, message) if Some(number) == current => {
-            machine.handle_transport_failed(message)
+            let connection = &link.as_ref().expect("current link").connection;
+            link_failed(machine, connection, message);
         }
         Input::Control(..) | Input::TransportFailed(..) => {}
         other @ (Input::Reconnected(_) | Input::ReconnectFailed(_)) => return Some(other),
     }
     None
+}
+
+/// A stream of the current link failed: if the target closed the connection on purpose
+/// (a refusal, a disk error on its side), that is final; anything else is a lost link.
+fn link_failed(machine: &mut SourceMigration, connection: &quinn::Connection, message: String) {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            machine.handle_peer_closed(String::from_utf8_lossy(&close.reason).into_owned());
+        }
+        _ => machine.handle_transport_failed(message),
+    }
 }
 
 /// Submits the reads the machine asked for; their completions come back as inputs.
