@@ -216,6 +216,8 @@ impl Jobs {
                 "verify",
                 "disks",
                 "migration",
+                "idle-timeout-ms",
+                "reconnect-window-ms",
             ],
         )?;
         let target: SocketAddr = args.parse("target")?.ok_or_else(|| {
@@ -239,10 +241,12 @@ impl Jobs {
         if let Some(ms) = args.parse::<u64>("max-downtime-ms")? {
             config.max_downtime = Duration::from_millis(ms);
         }
-        if let Some(rate) = args
-            .string("rate-limit")?
-            .or(args.parse::<u64>("rate-limit")?.map(|n| n.to_string()))
-        {
+        // A number (bytes per second) or a string with a unit ("200M").
+        let rate = match arguments.get("rate-limit") {
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => args.string("rate-limit")?,
+        };
+        if let Some(rate) = rate {
             let bytes = crate::size::parse_size(&rate)
                 .map_err(|e| CtlError::param(format!("rate-limit: {e}")))?;
             config.rate_limit_bytes_per_s = Some(bytes);
@@ -252,6 +256,12 @@ impl Jobs {
         }
         if let Some(verify) = args.parse::<VerifyMode>("verify")? {
             config.verify = verify;
+        }
+        if let Some(ms) = args.parse::<u64>("idle-timeout-ms")? {
+            config.tuning.idle_timeout = Duration::from_millis(ms.max(100));
+        }
+        if let Some(ms) = args.parse::<u64>("reconnect-window-ms")? {
+            config.reconnect_window = (ms > 0).then(|| Duration::from_millis(ms));
         }
         config.shared_rate_limit = Some(self.limits.bandwidth.clone());
 

@@ -506,3 +506,61 @@ fn one_daemon_runs_two_migrations_at_once_within_its_limit_and_tern_migrate_driv
         assert!(files.status.success(), "disk {i}: {files:?}");
     }
 }
+
+/// A live migration whose link is cut mid-bulk (past the idle timeout) while fio keeps
+/// writing: the daemon reports `link-down`, reconnects, resumes, converges and commits, and
+/// the target equals the source.
+#[test]
+fn a_live_migration_survives_a_link_cut_while_fio_writes() {
+    use tern_bench::netem::{Impairment, UdpProxy};
+    let s = Setup::new();
+    let a = s.image("a.img", "64M", 5);
+    let a_dst = s.path("a-dst.img");
+    let listen = free_udp_addr();
+    let images = [format!("a={}", a_dst.display())];
+    let _serve = spawn_serve_with(
+        listen,
+        &images,
+        &s.dst_id,
+        &s.src_fp,
+        &["--idle-timeout-s", "1", "--resume-window-s", "60"],
+    );
+    let proxy = UdpProxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        listen,
+        Impairment::none(),
+        Impairment::none(),
+        9,
+    )
+    .unwrap();
+    let (_export, _) = s.export(&[("a", &a)]);
+    let mut fio = KillOnDrop(
+        Command::new("fio")
+            .args(["--name=guest", "--ioengine=nbd", "--rw=randwrite"])
+            .args(["--bsrange=4k-64k", "--iodepth=8", "--size=64M"])
+            .args(["--time_based", "--runtime=6", "--rate=16m"])
+            .arg(format!("--uri={}", s.src_uri("a")))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("fio (apt-get install fio)"),
+    );
+    s.ctl(&[
+        "migrate",
+        &format!("target={}", proxy.local_addr()),
+        &format!("peer={}", s.dst_fp),
+        "rate-limit=32M",
+        "idle-timeout-ms=1000",
+    ]);
+    assert!(proxy.wait_forwarded(16 << 20, std::time::Duration::from_secs(60)));
+    proxy.cut();
+    let down = s.ctl(&["wait", "link-down", "--timeout", "30"]);
+    eprintln!("link down: {down}");
+    proxy.restore();
+    s.ctl(&["wait", "converged", "--timeout", "120"]);
+    assert!(fio.0.wait().unwrap().success(), "fio failed");
+    let done = s.ctl(&["switchover", "commit=true"]);
+    assert_eq!(done["verified"], true, "{done}");
+    let files = compare(a.to_str().unwrap(), a_dst.to_str().unwrap());
+    assert!(files.status.success(), "{files:?}");
+    assert!(proxy.stats().dropped_by_cut > 0, "the cut dropped nothing");
+}

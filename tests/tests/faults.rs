@@ -38,6 +38,10 @@ struct Setup {
 }
 
 fn setup(mix: &str) -> Setup {
+    setup_sized(mix, IMAGE_MIB)
+}
+
+fn setup_sized(mix: &str, mib: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (source_id, source_fp) = keygen(dir.path(), "source-id");
     let (target_id, target_fp) = keygen(dir.path(), "target-id");
@@ -48,7 +52,7 @@ fn setup(mix: &str) -> Setup {
         "--out",
         source.to_str().unwrap(),
         "--size",
-        &format!("{IMAGE_MIB}M"),
+        &format!("{mib}M"),
         "--mix",
         mix,
         "--seed",
@@ -175,6 +179,36 @@ fn a_link_cut_past_the_idle_timeout_resumes_without_a_full_copy() {
         "resumed with more than the in-flight window: {requeued} bytes"
     );
     assert!(proxy.stats().dropped_by_cut > 0, "the cut dropped nothing");
+}
+
+#[test]
+fn a_lossy_duplicating_reordering_link_still_delivers_an_identical_copy() {
+    let setup = setup_sized("random=50,text=25,zero=25", 32);
+    let listen = free_udp_addr();
+    let serve = serve(&setup, listen, &setup.target);
+    let bad = Impairment {
+        delay: Duration::from_millis(2),
+        loss: 0.002,
+        duplicate: 0.005,
+        reorder: 0.01,
+        ..Impairment::none()
+    };
+    let proxy =
+        UdpProxy::start("127.0.0.1:0".parse().unwrap(), listen, bad.clone(), bad, 13).unwrap();
+    let migrate = migrate(&setup, proxy.local_addr(), "1000");
+    let (status, stdout, log) = migrate.finish();
+    assert!(status.success(), "migrate failed:\n{}", log.join("\n"));
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON summary");
+    assert_eq!(summary["verified"], true, "{summary}");
+    let (status, _, _) = serve.finish();
+    assert!(status.success());
+    assert!(same_file(&setup.source, &setup.target));
+    let stats = proxy.stats();
+    eprintln!("lossy link: {stats:?}; {summary}");
+    assert!(
+        stats.dropped > 0 && stats.duplicated > 0 && stats.reordered > 0,
+        "{stats:?}"
+    );
 }
 
 #[test]
