@@ -784,7 +784,9 @@ impl SourceMigration {
 
     /// A message from the target.
     pub fn handle_control(&mut self, message: Control) {
-        if self.is_finished() {
+        // Disconnected: whatever still arrives came over the dead link, and what it answers
+        // (barriers, mirrors) was already written off and requeued.
+        if self.is_finished() || self.phase == Phase::Disconnected {
             return;
         }
         if let Control::BarrierDone { id } = message {
@@ -829,6 +831,8 @@ impl SourceMigration {
                 self.mirror_supported =
                     welcome.features & tern_transport::control::FEATURE_MIRROR != 0;
                 if let Some(resume_to) = self.resume_phase.take() {
+                    // A target that lost the mirror feature (another build) gets none.
+                    self.mirroring &= self.mirror_supported;
                     return self.resume(resume_to, &welcome);
                 }
                 self.set_phase(Phase::Bulk);

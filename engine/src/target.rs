@@ -177,6 +177,8 @@ pub struct TargetMigration {
     chunk_bytes: u64,
     disks: Vec<DiskState>,
     frames_received: Vec<u64>,
+    /// Data streams the source finished.
+    streams_finished: Vec<bool>,
     /// Barriers in arrival order; the front one is being served. Each is (id, frame counts
     /// per stream, and once those counts arrived, the sequence number of the last frame then
     /// received: the barrier covers every frame up to it).
@@ -292,6 +294,7 @@ impl TargetMigration {
             chunk_bytes,
             disks,
             frames_received: vec![0; hello.data_streams as usize],
+            streams_finished: vec![false; hello.data_streams as usize],
             barriers: VecDeque::new(),
             flushes_pending: 0,
             last_seq: 0,
@@ -426,6 +429,20 @@ impl TargetMigration {
         } else {
             self.start_frame(pending);
         }
+        self.check_barrier();
+    }
+
+    /// The source finished data stream `stream`: no frame follows on it. A barrier that
+    /// waits for more frames of a finished stream can never complete — a protocol error,
+    /// not a wait.
+    pub fn handle_stream_finished(&mut self, stream: u16) {
+        if self.is_finished() {
+            return;
+        }
+        let Some(finished) = self.streams_finished.get_mut(stream as usize) else {
+            return self.protocol_error(format!("end of unannounced data stream {stream}"));
+        };
+        *finished = true;
         self.check_barrier();
     }
 
@@ -836,12 +853,27 @@ impl TargetMigration {
             return;
         };
         if covers.is_none() {
-            if self
+            let mut waiting = false;
+            let mut impossible = None;
+            for ((received, wanted), finished) in self
                 .frames_received
                 .iter()
                 .zip(frames.iter())
-                .any(|(received, wanted)| received < wanted)
+                .zip(&self.streams_finished)
             {
+                if received < wanted {
+                    waiting = true;
+                    if *finished {
+                        impossible = Some(format!(
+                            "barrier waits for {wanted} frames of a stream that ended after {received}"
+                        ));
+                    }
+                }
+            }
+            if let Some(message) = impossible {
+                return self.protocol_error(message);
+            }
+            if waiting {
                 return;
             }
             *covers = Some(last_seq);

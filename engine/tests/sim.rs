@@ -264,11 +264,21 @@ impl World {
         self.cuts_left -= 1;
         self.cuts += 1;
         self.to_target_control.clear();
-        self.to_source_control.clear();
+        let stale = std::mem::take(&mut self.to_source_control);
         for queue in &mut self.to_target_data {
             queue.clear();
         }
         self.source.handle_transport_failed("link cut".into());
+        // The dead link's last messages may still reach the source after it noticed the
+        // loss (a driver drains its queue): the machine must ignore them.
+        if self.rng.random() {
+            for frame in stale {
+                let Frame::Control(body) = roundtrip(&frame) else {
+                    panic!("control frame")
+                };
+                self.source.handle_control(Control::decode(&body).unwrap());
+            }
+        }
         let crash = self.crashes && self.rng.random();
         if let Some(mut target) = self.target.take() {
             target.handle_transport_failed("link cut".into());

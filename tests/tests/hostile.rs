@@ -234,3 +234,202 @@ fn zstd_frame_of_zeros(len: usize) -> Vec<u8> {
     assert!(frame.is_compressed());
     frame.payload.to_vec()
 }
+
+/// Seeded mutations of valid frames (fields flipped, set to extremes, truncated, extended,
+/// sometimes with a fixed-up CRC so they pass the checksum and reach the range checks), each
+/// over its own real connection to a real target: the target never panics, never writes
+/// outside the image, and always ends the connection (with an error, or — for a mutation
+/// that is still a valid frame — after answering a barrier).
+#[test]
+fn fuzzed_frames_over_real_connections_never_write_outside_the_image() {
+    use rand::{Rng, SeedableRng};
+    const INPUTS: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("target.img");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7e57);
+    let mut encoder = Encoder::new();
+    let valid: Vec<Vec<u8>> = vec![
+        bytes_of(&encoder.data(
+            0,
+            3,
+            1,
+            5,
+            Bytes::from(vec![7u8; CHUNK_BYTES as usize]),
+            Compression::Off,
+        )),
+        bytes_of(&encoder.data(
+            0,
+            1,
+            2,
+            6,
+            Bytes::from(vec![0x41u8; 2 * CHUNK_BYTES as usize]),
+            Compression::Zstd(1),
+        )),
+        bytes_of(&encode_zero(0, 10, 4, 7)),
+        bytes_of(&Control::BarrierDone { id: 1 }.encode()),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    let mut inputs = Vec::new();
+    while inputs.len() < INPUTS {
+        let mut bytes = valid[rng.random_range(0..valid.len())].clone();
+        for _ in 0..rng.random_range(1..4) {
+            match rng.random_range(0..6) {
+                // A random byte of the header.
+                0 => {
+                    let at = rng.random_range(0..48.min(bytes.len()));
+                    bytes[at] = rng.random();
+                }
+                // A header field set to an extreme: disk, chunk_count, chunk, generation,
+                // raw_len, payload_len.
+                1 if bytes.len() >= 48 => {
+                    let (at, len) = [(8, 4), (12, 4), (16, 8), (24, 8), (32, 4), (36, 4)]
+                        [rng.random_range(0..6)];
+                    let value: u64 =
+                        [0, 1, u64::MAX, u64::MAX / 2, DISK_BYTES / 4096][rng.random_range(0..5)];
+                    bytes[at..at + len].copy_from_slice(&value.to_le_bytes()[..len]);
+                }
+                // Truncated.
+                2 => {
+                    let keep = rng.random_range(0..bytes.len());
+                    bytes.truncate(keep);
+                }
+                // Garbage appended.
+                3 => {
+                    let extra = rng.random_range(1..4096);
+                    bytes.extend((0..extra).map(|_| rng.random::<u8>()));
+                }
+                // A payload byte flipped.
+                4 if bytes.len() > 48 => {
+                    let at = rng.random_range(48..bytes.len());
+                    bytes[at] ^= 1 << rng.random_range(0..8);
+                }
+                // The CRC fixed up for a raw payload, so the frame passes the checksum.
+                _ if bytes.len() >= 48 => {
+                    let crc = crc32fast::hash(&bytes[48..]);
+                    bytes[40..44].copy_from_slice(&crc.to_le_bytes());
+                }
+                _ => {}
+            }
+        }
+        if seen.insert(bytes.clone()) {
+            inputs.push(bytes);
+        }
+    }
+
+    let outcomes = runtime().block_on(async {
+        let source = Identity::generate("source").unwrap();
+        let target = Identity::generate("target").unwrap();
+        let endpoint = listen(
+            "127.0.0.1:0".parse().unwrap(),
+            &target,
+            source.fingerprint(),
+            &TransportTuning::default(),
+        )
+        .unwrap();
+        let address = endpoint.local_addr().unwrap();
+        let mut client: Option<tern_transport::quinn::Endpoint> = None;
+        let client_config = tern_transport::client_config(
+            &source,
+            target.fingerprint(),
+            &TransportTuning::default(),
+        )
+        .unwrap();
+        let mut refused = 0usize;
+        let mut accepted = 0usize;
+        for bad in &inputs {
+            let images = vec![image.clone()];
+            let endpoint = endpoint.clone();
+            let server = tokio::spawn(async move {
+                serve_one(&endpoint, &images, &OpenOptions::default()).await
+            });
+            let connection = match &client {
+                Some(client) => tern_transport::reconnect(client, address, client_config.clone())
+                    .await
+                    .unwrap(),
+                None => {
+                    let (endpoint, connection) = connect(
+                        address,
+                        &source,
+                        target.fingerprint(),
+                        &TransportTuning::default(),
+                    )
+                    .await
+                    .unwrap();
+                    client = Some(endpoint);
+                    connection
+                }
+            };
+            let (control_send, control_recv) = connection.open_bi().await.unwrap();
+            let mut control = FrameWriter::new(control_send);
+            let hello = Control::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                features: FEATURES_SUPPORTED,
+                session_id: [2; 16],
+                chunk_bytes: CHUNK_BYTES,
+                data_streams: 1,
+                disks: vec![DiskInfo {
+                    size: DISK_BYTES,
+                    identity: "fuzzed".into(),
+                    allocated: DISK_BYTES,
+                }],
+                resume: false,
+            });
+            control.send(hello.encode()).await.unwrap();
+            let mut data = connection.open_uni().await.unwrap();
+            let _ = data.write_all(bad).await;
+            let _ = data.finish();
+            // If the bytes were still one valid frame, the barrier after it is answered; if
+            // not, the target closes the connection. Either way the reader sees it.
+            let _ = control
+                .send(
+                    Control::Barrier {
+                        id: 1,
+                        frames: vec![1],
+                    }
+                    .encode(),
+                )
+                .await;
+            let mut reader = tern_transport::FrameReader::new(control_recv);
+            let answered = loop {
+                let next = tokio::time::timeout(Duration::from_secs(20), reader.next())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!(
+                            "the target neither answered nor refused {:02x?}",
+                            &bad[..bad.len().min(64)]
+                        )
+                    });
+                match next {
+                    Ok(Some((tern_transport::Frame::Control(body), _))) => {
+                        match Control::decode(&body) {
+                            Ok(Control::BarrierDone { .. }) => break true,
+                            Ok(Control::Welcome(_)) => continue,
+                            _ => break false,
+                        }
+                    }
+                    _ => break false,
+                }
+            };
+            connection.close(0u32.into(), b"next");
+            let result = tokio::time::timeout(Duration::from_secs(20), server)
+                .await
+                .expect("the target ends the connection")
+                .expect("the target never panics");
+            assert!(result.is_err(), "an unfinished migration cannot succeed");
+            if answered {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+            // Nothing outside the image, ever.
+            assert_eq!(std::fs::metadata(&image).unwrap().len(), DISK_BYTES);
+            assert!(incomplete_marker(&image).exists());
+        }
+        (refused, accepted)
+    });
+    eprintln!(
+        "{INPUTS} distinct fuzzed frames over real connections: {} refused, {} still valid; no crash, nothing written outside the image",
+        outcomes.0, outcomes.1
+    );
+    assert!(outcomes.0 > INPUTS / 2, "most mutations must be refused");
+}

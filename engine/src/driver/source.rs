@@ -349,6 +349,9 @@ pub async fn run_source(
             .map_err(MigrationError::Transport)?,
     );
     let mut links_opened = 1u64;
+    // While the link is down: since when, and the task trying to reconnect.
+    let mut link_down_since: Option<Instant> = None;
+    let mut reconnecting: Option<tokio::task::JoinHandle<()>> = None;
     // UDP bytes sent by links that are gone.
     let mut bytes_wire_closed = 0u64;
 
@@ -356,6 +359,11 @@ pub async fn run_source(
         while let Some(transmit) = machine.poll_transmit() {
             let Some(current) = link.as_mut() else {
                 // Only a failure's error frame is produced without a link; nobody hears it.
+                // (A data frame here would count as sent on the next link: never.)
+                debug_assert!(
+                    matches!(transmit, Transmit::Control(Control::Error { .. })),
+                    "{transmit:?} produced while disconnected"
+                );
                 continue;
             };
             match transmit {
@@ -429,7 +437,13 @@ pub async fn run_source(
                     if let Some(dead) = link.take() {
                         bytes_wire_closed += dead.abandon("link lost");
                     }
-                    tokio::spawn(self::reconnect(reconnect, Instant::now(), input_tx.clone()));
+                    let since = Instant::now();
+                    link_down_since = Some(since);
+                    reconnecting = Some(tokio::spawn(self::reconnect(
+                        reconnect,
+                        since,
+                        input_tx.clone(),
+                    )));
                 }
                 SourceEvent::Resumed {
                     from_start,
@@ -542,12 +556,18 @@ pub async fn run_source(
                     Ok(new) => {
                         tracing::info!(link = number, "reconnected; resuming the session");
                         link = Some(new);
+                        link_down_since = None;
                         machine.handle_reconnected();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "new connection failed at once; retrying");
                         let reconnect = options.reconnect.clone().expect("resumable");
-                        tokio::spawn(self::reconnect(reconnect, Instant::now(), input_tx.clone()));
+                        let since = link_down_since.unwrap_or_else(Instant::now);
+                        reconnecting = Some(tokio::spawn(self::reconnect(
+                            reconnect,
+                            since,
+                            input_tx.clone(),
+                        )));
                     }
                 }
             }
@@ -570,6 +590,10 @@ pub async fn run_source(
     }
     for (_, job) in mirror_jobs.drain() {
         job.finish(false);
+    }
+    if let Some(task) = reconnecting {
+        // Ended (failed, cancelled) while reconnecting: stop trying.
+        task.abort();
     }
     let Some(Link {
         connection: last_connection,
@@ -635,7 +659,9 @@ fn handle_input(machine: &mut SourceMigration, input: Input, link: &Option<Link>
 /// (a refusal, a disk error on its side), that is final; anything else is a lost link.
 fn link_failed(machine: &mut SourceMigration, connection: &quinn::Connection, message: String) {
     match connection.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == super::target::CLOSE_FAILED.into() =>
+        {
             machine.handle_peer_closed(String::from_utf8_lossy(&close.reason).into_owned());
         }
         _ => machine.handle_transport_failed(message),

@@ -225,7 +225,9 @@ pub async fn run_target_with(
 /// What the driver kept, for this Hello.
 fn kept_for(hello: &Hello, images: &[PathBuf], previous: Option<KeptSession>) -> Kept {
     match previous {
-        Some(session) if session.session_id == hello.session_id => Kept::Session(session.tables),
+        Some(session) if hello.resume && session.session_id == hello.session_id => {
+            Kept::Session(session.tables)
+        }
         _ if hello.resume && markers_name_session(images, &hello.session_id) => Kept::Images,
         _ => Kept::Nothing,
     }
@@ -365,10 +367,10 @@ async fn run_connection(
     }
 
     let (input_tx, mut input_rx) = mpsc::unbounded_channel::<Input>();
-    let (frame_tx, mut frame_rx) = mpsc::channel::<(u16, Frame)>(FRAME_QUEUE);
+    let (frame_tx, mut frame_rx) = mpsc::channel::<(u16, Option<Frame>)>(FRAME_QUEUE);
     // The last stream of a live migration carries mirrored guest writes: its frames get their
     // own queue, taken first, so a waiting guest write never queues behind bulk frames.
-    let (priority_tx, mut priority_rx) = mpsc::channel::<(u16, Frame)>(FRAME_QUEUE);
+    let (priority_tx, mut priority_rx) = mpsc::channel::<(u16, Option<Frame>)>(FRAME_QUEUE);
     tokio::spawn(super::read_control(
         connection.clone(),
         control_reader,
@@ -408,7 +410,8 @@ async fn run_connection(
         tokio::select! {
             biased;
             frame = priority_rx.recv(), if priority_open && machine.can_accept_priority_frame() => match frame {
-                Some((stream, frame)) => machine.handle_frame(stream, frame),
+                Some((stream, Some(frame))) => machine.handle_frame(stream, frame),
+                Some((stream, None)) => machine.handle_stream_finished(stream),
                 None => priority_open = false,
             },
             input = input_rx.recv() => match input.expect("the driver holds a sender") {
@@ -423,7 +426,8 @@ async fn run_connection(
                 Input::TransportFailed(message) => machine.handle_transport_failed(message),
             },
             frame = frame_rx.recv(), if frames_open && machine.can_accept_frame() => match frame {
-                Some((stream, frame)) => machine.handle_frame(stream, frame),
+                Some((stream, Some(frame))) => machine.handle_frame(stream, frame),
+                Some((stream, None)) => machine.handle_stream_finished(stream),
                 // Every data stream ended. That is normal once the source finished; if frames
                 // are missing, the barrier never completes and the control stream or a
                 // reader's error says why.
@@ -436,7 +440,13 @@ async fn run_connection(
     }
     control.finish();
     if let Err(error) = result {
-        close_with_error(connection, &error);
+        if matches!(error, MigrationError::Transport(_)) {
+            // Our side of a lost link: a source that still hears us must not take this for
+            // a verdict (it resumes).
+            connection.close(CLOSE_LINK_LOST.into(), b"link lost");
+        } else {
+            close_with_error(connection, &error);
+        }
         // Nothing this connection issued may still run once another connection of the
         // session writes: a late write would race a newer one of the same chunk (I3).
         drop(frame_rx);
@@ -504,8 +514,11 @@ pub(crate) fn close_with_error(connection: &quinn::Connection, error: &Migration
     connection.close(CLOSE_FAILED.into(), reason);
 }
 
-/// Application close code of a migration that failed (0 is a normal end).
+/// Application close code of a migration that failed (0 is a normal end): the peer's
+/// verdict, never resumed.
 pub const CLOSE_FAILED: u32 = 1;
+/// Application close code of a side that lost its link and keeps the session: resumable.
+pub const CLOSE_LINK_LOST: u32 = 2;
 
 fn perform(
     devices: &[BlockDevice],
@@ -677,8 +690,8 @@ async fn digest_blocks(
 async fn accept_data_streams(
     connection: quinn::Connection,
     streams: u16,
-    frames: mpsc::Sender<(u16, Frame)>,
-    priority: mpsc::Sender<(u16, Frame)>,
+    frames: mpsc::Sender<(u16, Option<Frame>)>,
+    priority: mpsc::Sender<(u16, Option<Frame>)>,
     failed: mpsc::UnboundedSender<Input>,
 ) {
     let mut priority = Some(priority);
@@ -701,11 +714,15 @@ async fn accept_data_streams(
             loop {
                 match reader.next().await {
                     Ok(Some((frame, _))) => {
-                        if frames.send((index, frame)).await.is_err() {
+                        if frames.send((index, Some(frame))).await.is_err() {
                             return;
                         }
                     }
-                    Ok(None) => return,
+                    // The source finished the stream: after its last frame, in order.
+                    Ok(None) => {
+                        let _ = frames.send((index, None)).await;
+                        return;
+                    }
                     Err(e) => {
                         let message = format!("data stream {index}: {e}");
                         let input = match e {
