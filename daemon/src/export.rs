@@ -116,6 +116,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         );
         disks.push(Disk {
             name,
+            path: path.clone(),
             tracked,
             export,
         });

@@ -40,6 +40,8 @@ use crate::control::wire::{Args, CtlError, ErrorClass, event};
 /// One disk the daemon serves.
 pub(crate) struct Disk {
     pub(crate) name: String,
+    /// The image file (its session record lives next to it).
+    pub(crate) path: PathBuf,
     pub(crate) tracked: TrackedDisk,
     pub(crate) export: Arc<Export>,
 }
@@ -322,6 +324,13 @@ impl Jobs {
             ),
         };
         config.identities = disks.iter().map(|i| self.disks[*i].name.clone()).collect();
+        // A daemon restarted after a crash resumes the session its predecessor recorded.
+        let paths: Vec<PathBuf> = disks.iter().map(|i| self.disks[*i].path.clone()).collect();
+        let (session_id, restarted) =
+            crate::session::begin(&paths, &target.to_string(), &peer.to_string())
+                .map_err(|e| CtlError::new(ErrorClass::GenericError, format!("{e:#}")))?;
+        config.session_id = Some(session_id);
+        config.restarted = restarted;
         let mode = config.mode;
         let tracked = disks
             .iter()
@@ -450,6 +459,11 @@ impl Jobs {
         data["migration"] = json!(job.id);
         drop(jobs);
         self.emit(name, data);
+    }
+
+    /// The image paths of disks (by index).
+    fn paths_of(&self, disks: &[usize]) -> Vec<PathBuf> {
+        disks.iter().map(|i| self.disks[*i].path.clone()).collect()
     }
 
     /// Moves an active migration to `failed` and reports it, once.
@@ -640,6 +654,7 @@ impl Jobs {
                     export.refuse(errno::ESHUTDOWN, message.clone());
                 }
                 job.phase = Phase::Committed;
+                crate::session::end(&self.paths_of(&job.disks));
                 let progress = &report.summary.progress;
                 let data = json!({
                     "migration": id,
@@ -740,6 +755,8 @@ impl Jobs {
             if job.phase != Phase::Failed {
                 job.phase = phase;
             }
+            // Abandoned on purpose: a later migration starts afresh.
+            crate::session::end(&self.paths_of(&job.disks));
         }
         self.emit(
             phase.name(),

@@ -15,6 +15,7 @@ mod migrate;
 mod progress;
 mod qmp;
 mod serve;
+mod session;
 mod size;
 mod vm;
 

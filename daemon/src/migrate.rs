@@ -152,9 +152,24 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     options.rate_limit_bytes_per_s = args.rate_limit.map(|mib| (mib * (1 << 20) as f64) as u64);
     let runtime = runtime(args.worker_threads)?;
     let disks = open_images(&args.images)?;
-    let (summary, _) = runtime.block_on(copy(
+    // A run interrupted by a crash left a session record: the same command resumes it.
+    let (session_id, restarted) =
+        crate::session::begin(&args.images, &args.to.to_string(), &args.peer.to_string())?;
+    options.config.session_id = session_id;
+    options.config.restarted = restarted;
+    let result = runtime.block_on(copy(
         disks, args.to, &identity, args.peer, options, args.json, None, &args.link,
-    ))?;
+    ));
+    let (summary, _) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            tracing::warn!(
+                "the session record is kept: running the same command again resumes the copy"
+            );
+            return Err(error);
+        }
+    };
+    crate::session::end(&args.images);
     print_summary(&summary, args.json)
 }
 

@@ -58,6 +58,12 @@ pub struct MigrationConfig {
     pub reconnect_window: Option<Duration>,
     /// QUIC tuning (idle timeout: how long a silent link takes to count as lost).
     pub tuning: TransportTuning,
+    /// The session's id (default: a new one). With `restarted`, the id of the session a
+    /// crashed source process was running.
+    pub session_id: Option<[u8; 16]>,
+    /// This process restarted after a crash and continues `session_id` (see
+    /// [`SourceConfig::restarted`]).
+    pub restarted: bool,
 }
 
 impl MigrationConfig {
@@ -77,6 +83,8 @@ impl MigrationConfig {
             shared_rate_limit: None,
             reconnect_window: Some(Duration::from_secs(60)),
             tuning: TransportTuning::default(),
+            session_id: None,
+            restarted: false,
         }
     }
 }
@@ -149,11 +157,13 @@ impl Migration {
             .unwrap_or_default()
             .as_nanos();
         session_id.copy_from_slice(&nanos.to_le_bytes());
+        let session_id = config.session_id.unwrap_or(session_id);
         let options = SourceOptions {
             config: SourceConfig {
                 chunk_bytes: config.chunk_bytes,
                 verify: config.verify,
                 session_id,
+                restarted: config.restarted,
                 live: Some(LiveConfig {
                     max_downtime: config.max_downtime,
                     mode: config.mode,

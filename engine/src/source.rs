@@ -58,6 +58,11 @@ pub struct SourceConfig {
     /// The driver can reconnect: a lost link during the copy or a live pass is survived
     /// (see [`SourceMigration::handle_transport_failed`]) instead of failing the migration.
     pub resumable: bool,
+    /// This source process restarted and continues session `session_id` (the operator ran
+    /// the migration again after a crash): the target may hold any part of the copy. The
+    /// machine reads its disks locally, compares each chunk's digest with the target's, and
+    /// sends only the chunks that differ — or everything, if the target lost the session.
+    pub restarted: bool,
     /// Resumable migrations: a checkpoint barrier after this many bytes handed out, so
     /// the frames the target has not confirmed durable — resent after a lost link — stay
     /// about this many plus what is in flight.
@@ -129,6 +134,7 @@ impl Default for SourceConfig {
             session_id: [0; 16],
             live: None,
             resumable: false,
+            restarted: false,
             checkpoint_bytes: 16 << 20,
         }
     }
@@ -364,6 +370,9 @@ enum Phase {
     Failed,
     /// The link is lost; `resume_phase` says where to continue.
     Disconnected,
+    /// A restarted source compares its digests with the target's (see
+    /// [`SourceConfig::restarted`]).
+    Diff,
 }
 
 impl Phase {
@@ -380,6 +389,7 @@ impl Phase {
             Phase::Done => "done",
             Phase::Failed => "failed",
             Phase::Disconnected => "disconnected",
+            Phase::Diff => "diff",
         }
     }
 }
@@ -572,6 +582,14 @@ pub struct SourceMigration {
     zeros_to_resend: Vec<(u32, Range<u64>)>,
     /// Bytes requeued since the link went down (reported by `Resumed`).
     requeued_now: u64,
+    /// A restarted source: the bulk pass only digests the local disks (nothing is sent),
+    /// then the target's digests decide what goes (phase `Diff`).
+    diffing: bool,
+    /// The target reported at the resume whether it kept its written digests.
+    target_digests_kept: bool,
+    /// The barrier that makes the target's current content durable before the comparison
+    /// is trusted (what it wrote for an earlier process may not have been flushed yet).
+    diff_barrier: Option<u64>,
 }
 
 /// A frame handed to the driver and not yet confirmed durable by the target.
@@ -696,13 +714,21 @@ impl SourceMigration {
             resume_phase: None,
             zeros_to_resend: Vec::new(),
             requeued_now: 0,
+            diffing: false,
+            target_digests_kept: false,
+            diff_barrier: None,
             progress: SourceProgress {
                 bytes_total,
                 phase: Phase::Handshake.name(),
                 ..Default::default()
             },
         };
-        let hello = migration.hello(false);
+        let restarted = migration.config.restarted;
+        if restarted {
+            // As if the link had been lost before this process started.
+            migration.resume_phase = Some(Phase::Bulk);
+        }
+        let hello = migration.hello(restarted);
         migration.push_transmit(Transmit::Control(hello));
         migration
     }
@@ -879,6 +905,10 @@ impl SourceMigration {
                 }
                 self.maybe_finish_pass();
             }
+            (Phase::Diff, Control::BarrierDone { id }) if self.diff_barrier == Some(id) => {
+                self.diff_barrier = None;
+                self.maybe_finish_diff();
+            }
             (Phase::Flush { barrier }, Control::BarrierDone { id }) if id == barrier => {
                 self.events.push_back(SourceEvent::Flushed);
                 if self.config.verify != VerifyMode::Off {
@@ -909,6 +939,14 @@ impl SourceMigration {
                     digests,
                 },
             ) => self.handle_digests(disk, block, &digests),
+            (
+                Phase::Diff,
+                Control::Digests {
+                    disk,
+                    block,
+                    digests,
+                },
+            ) => self.handle_diff(disk, block, &digests),
             (Phase::Verify, Control::DigestSummary { disk, digest }) => {
                 let Some(state) = self.disks.get_mut(disk as usize) else {
                     return self.fail(
@@ -1015,6 +1053,8 @@ impl SourceMigration {
             Phase::Disconnected => return,
             Phase::Handshake => self.resume_phase,
             Phase::Bulk | Phase::Iterating => Some(self.phase),
+            // Nothing was sent yet: the comparison starts again on the new link.
+            Phase::Diff => Some(Phase::Bulk),
             Phase::Flush { .. } | Phase::Verify if self.config.live.is_none() => Some(Phase::Bulk),
             _ => None,
         };
@@ -1049,6 +1089,7 @@ impl SourceMigration {
         self.since_checkpoint = 0;
         self.frames_sent.iter_mut().for_each(|f| *f = 0);
         self.pass_barrier = None;
+        self.diff_barrier = None;
         self.harvest_now = false;
         self.harvest_at = None;
         // Guest writes waiting for their mirror complete now and are tracked as dirty.
@@ -1139,14 +1180,25 @@ impl SourceMigration {
 
     /// The target answered a resuming Hello.
     fn resume(&mut self, resume_to: Phase, welcome: &tern_transport::Welcome) {
+        self.target_digests_kept = welcome.digests_kept;
+        if welcome.resumed && !welcome.digests_kept && self.config.verify == VerifyMode::Written {
+            // The target restarted: its table of written digests is gone.
+            self.config.verify = VerifyMode::ReadBack;
+        }
+        if self.config.restarted && !self.bulk_done_reported && welcome.resumed {
+            // A restarted source (or one whose link went down while it compared): digest
+            // the local disks, then ask the target for its digests.
+            self.events.push_back(SourceEvent::Connected);
+            self.reset_bulk();
+            self.diffing = true;
+            self.set_phase(Phase::Bulk);
+            self.maybe_finish_bulk();
+            return;
+        }
         self.progress.reconnects += 1;
         if !welcome.resumed {
             self.restart_from_zero();
         } else {
-            if !welcome.digests_kept && self.config.verify == VerifyMode::Written {
-                // The target restarted: its table of written digests is gone.
-                self.config.verify = VerifyMode::ReadBack;
-            }
             self.set_phase(resume_to);
             for (disk, chunks) in std::mem::take(&mut self.zeros_to_resend) {
                 let state = &mut self.disks[disk as usize];
@@ -1177,6 +1229,17 @@ impl SourceMigration {
             // have filled holes, and their dirty marks were spent on the lost copy. Read
             // everything (all-zero chunks still travel as zero ranges).
             disk.allocated = std::iter::once(0..disk.size).collect();
+        }
+        self.reset_bulk();
+        self.diffing = false;
+        self.progress.bytes_requeued += self.progress.bytes_total;
+        self.requeued_now = self.progress.bytes_total;
+        self.set_phase(Phase::Bulk);
+    }
+
+    /// Puts the bulk pass back at the start of every disk, forgetting what was sent.
+    fn reset_bulk(&mut self) {
+        for disk in &mut self.disks {
             disk.next_block = 0;
             disk.extent = 0;
             disk.digests.fill(None);
@@ -1190,13 +1253,10 @@ impl SourceMigration {
         self.dirty_queue.clear();
         self.zeros_to_resend.clear();
         self.progress.bytes_done = 0;
-        self.progress.bytes_requeued += self.progress.bytes_total;
-        self.requeued_now = self.progress.bytes_total;
         self.pass = PassStats::default();
         self.converged = false;
         self.stalled_harvests = 0;
         self.bulk_done_reported = false;
-        self.set_phase(Phase::Bulk);
     }
 
     /// Resumable: queues a checkpoint barrier once enough was handed out, so a lost link
@@ -1307,7 +1367,9 @@ impl SourceMigration {
             range.end.div_ceil(BULK_READ_BYTES as u64) - range.start / BULK_READ_BYTES as u64
         });
         let room = room && blocks <= tern_transport::control::MIRROR_RANGES_MAX as u64;
+        // While a restarted source compares digests nothing is sent, mirrors included.
         if !self.mirroring
+            || self.diffing
             || !valid
             || !room
             || !matches!(
@@ -1745,6 +1807,12 @@ impl SourceMigration {
     /// Queues a zero-range frame (several if the range exceeds a frame's chunk count);
     /// `bulk`: the bulk pass's first sending of the range (counted as done).
     fn send_zero_range(&mut self, disk: u32, range: Range<u64>, bulk: bool) {
+        if self.diffing {
+            if bulk {
+                self.progress.bytes_done += range.end - range.start;
+            }
+            return;
+        }
         let chunk_bytes = self.config.chunk_bytes as u64;
         debug_assert_eq!(range.start % chunk_bytes, 0);
         let mut chunk = range.start / chunk_bytes;
@@ -1782,6 +1850,13 @@ impl SourceMigration {
         bulk: bool,
         bulk_read: bool,
     ) {
+        if self.diffing {
+            // Digests only (recorded by the caller): the target's decide what to send.
+            if bulk_read {
+                self.progress.bytes_done += data.len() as u64;
+            }
+            return;
+        }
         let chunk_bytes = self.config.chunk_bytes as usize;
         debug_assert_eq!(offset % chunk_bytes as u64, 0);
         let first_chunk = offset / chunk_bytes as u64;
@@ -1857,6 +1932,25 @@ impl SourceMigration {
             debug_assert!(disk.digests.iter().all(Option::is_some));
         }
         assert_eq!(self.progress.bytes_done, self.progress.bytes_total);
+        if self.diffing {
+            // Every local digest is known: ask for the target's, and have it flush, so that
+            // what compares equal is also durable.
+            self.set_phase(Phase::Diff);
+            self.diff_barrier = Some(self.queue_barrier());
+            let read_back = !self.target_digests_kept || self.config.verify == VerifyMode::ReadBack;
+            for disk in 0..self.disks.len() {
+                self.disks[disk].verified_chunks = 0;
+                if self.disks[disk].chunks() == 0 {
+                    continue;
+                }
+                let mut request = self.digest_request(disk as u32);
+                if let Control::DigestRequest { read_back: r, .. } = &mut request {
+                    *r = read_back;
+                }
+                self.push_transmit(Transmit::Control(request));
+            }
+            return self.maybe_finish_diff();
+        }
         if !std::mem::replace(&mut self.bulk_done_reported, true) {
             self.events.push_back(SourceEvent::BulkDone);
         }
@@ -1930,6 +2024,74 @@ impl SourceMigration {
         }
         state.verified_chunks += digests.len() as u64;
         self.maybe_finish_verify();
+    }
+
+    /// A restarted source: the target's digests of chunks `block..`; the chunks that differ
+    /// from ours are queued to be read and sent.
+    fn handle_diff(&mut self, disk: u32, block: u64, digests: &[u128]) {
+        let Some(state) = self.disks.get(disk as usize) else {
+            return self.protocol_error_from_target(format!("digests for unknown disk {disk}"));
+        };
+        let end = block.checked_add(digests.len() as u64);
+        if block != state.verified_chunks || end.is_none_or(|end| end > state.chunks()) {
+            return self.protocol_error_from_target(format!(
+                "digests for chunks {block}.. out of order or past the disk"
+            ));
+        }
+        let mut differing: Vec<Range<u64>> = Vec::new();
+        for (i, target) in digests.iter().enumerate() {
+            let chunk = block + i as u64;
+            let ours = state.digests[chunk as usize].expect("the local pass digested every chunk");
+            if ours != *target {
+                let range = state.chunk_range(chunk);
+                match differing.last_mut() {
+                    Some(last) if last.end == range.start => last.end = range.end,
+                    _ => differing.push(range),
+                }
+            }
+        }
+        self.disks[disk as usize].verified_chunks += digests.len() as u64;
+        for range in differing {
+            self.requeue_read(disk, range, false);
+        }
+        self.maybe_finish_diff();
+    }
+
+    /// Once every disk's target digests arrived, the copy goes on with what differs.
+    fn maybe_finish_diff(&mut self) {
+        if self.phase != Phase::Diff
+            || self.diff_barrier.is_some()
+            || self.disks.iter().any(|d| d.verified_chunks < d.chunks())
+        {
+            return;
+        }
+        for disk in &mut self.disks {
+            disk.verified_chunks = 0;
+        }
+        self.diffing = false;
+        self.events.push_back(SourceEvent::Resumed {
+            from_start: false,
+            bytes_requeued: std::mem::take(&mut self.requeued_now),
+        });
+        // The local pass was the bulk pass: what differs is in `dirty_queue`.
+        self.set_phase(Phase::Bulk);
+        let active = self
+            .config
+            .live
+            .as_ref()
+            .is_some_and(|live| live.mode == LiveMode::Active);
+        if active && self.mirror_supported && !self.mirroring {
+            self.mirroring = true;
+            self.events.push_back(SourceEvent::ModeChanged {
+                mirroring: true,
+                throttle_bytes_per_s: 0,
+                reason: "active mode: guest writes complete once they are on the target".into(),
+                dirty_bytes: 0,
+                dirty_rate: 0.0,
+                transfer_rate: 0.0,
+            });
+        }
+        self.maybe_finish_bulk();
     }
 
     fn maybe_finish_verify(&mut self) {

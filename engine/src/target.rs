@@ -108,8 +108,8 @@ pub enum Kept {
 #[derive(Debug)]
 pub struct SessionTables {
     chunk_bytes: u64,
-    /// Per disk: the generation and the digest of the last write of each chunk.
-    disks: Vec<(Vec<u64>, Vec<u128>)>,
+    /// Per disk: the digest of the last write of each chunk.
+    disks: Vec<Vec<u128>>,
 }
 
 /// What the target reports.
@@ -279,10 +279,14 @@ impl TargetMigration {
                         .disks
                         .iter()
                         .zip(&disks)
-                        .all(|(kept, disk)| kept.0.len() == disk.generation.len());
+                        .all(|(kept, disk)| kept.len() == disk.generation.len());
                 if fits {
-                    for (disk, (generation, digest)) in disks.iter_mut().zip(session.disks) {
-                        disk.generation = generation;
+                    // Digests carry over; generations start again from 0: every write of the
+                    // earlier connection completed before this one was accepted, and every
+                    // frame on a new connection comes from a read issued after the source
+                    // lost the old one — newer bytes, whatever its generation (a restarted
+                    // source counts from 1 again).
+                    for (disk, digest) in disks.iter_mut().zip(session.disks) {
                         disk.digest = digest;
                     }
                 }
@@ -327,11 +331,7 @@ impl TargetMigration {
         );
         SessionTables {
             chunk_bytes: self.chunk_bytes,
-            disks: self
-                .disks
-                .into_iter()
-                .map(|d| (d.generation, d.digest))
-                .collect(),
+            disks: self.disks.into_iter().map(|d| d.digest).collect(),
         }
     }
 

@@ -12,7 +12,8 @@
 //! then it loses the session altogether. The source reconnects and resumes; the checks are
 //! the same.
 //!
-//! `TERN_SIM_SEEDS=N` sets the number of seeds (default 300).
+//! `TERN_SIM_SEEDS=N` sets the number of seeds (default 300); `TERN_SIM_SEED=N` replays one
+//! seed and prints its faults and the source's events.
 
 use std::collections::VecDeque;
 
@@ -41,7 +42,9 @@ use tern_transport::{Compression, Control, EncodedFrame, Encoder, Frame, decode,
 /// filled since (now reads everything).
 /// 4257: an abandoned mirror read dropped as stale stayed counted as a mirror read, so the
 /// bulk pass ended with a read in flight.
-const REGRESSION_SEEDS: &[u64] = &[178, 107, 1954, 4257];
+/// 18790: a restarted source trusted chunks its predecessor had written but the target had
+/// not flushed; the target then crashed (the comparison now ends with a barrier).
+const REGRESSION_SEEDS: &[u64] = &[178, 107, 1954, 4257, 18790];
 
 struct World {
     rng: StdRng,
@@ -94,6 +97,14 @@ struct World {
     /// What the target kept for the next connection.
     kept: Option<Kept>,
     resumed_from_start: bool,
+    /// Source process crashes still to inject, and the configuration it restarts with.
+    source_crashes_left: u32,
+    source_crashes: u32,
+    restart_config: SourceConfig,
+}
+
+fn replaying() -> bool {
+    std::env::var_os("TERN_SIM_SEED").is_some()
 }
 
 fn target_disks_init(source_disks: &[Vec<u8>]) -> Vec<Vec<u8>> {
@@ -191,6 +202,7 @@ impl World {
                 },
             }),
             resumable,
+            restarted: false,
             checkpoint_bytes: rng.random_range(64 << 10..8 << 20),
         };
         let bitmaps = source_disks
@@ -209,8 +221,10 @@ impl World {
             } else {
                 0
             };
+        let restart_config = config.clone();
         let source = SourceMigration::new(config, specs);
         let streams = source.data_streams() as usize;
+        let source_crashes_left = u32::from(resumable && rng.random_range(0..4) == 0);
         let cuts_left = if resumable { rng.random_range(0..4) } else { 0 };
         let crashes = rng.random_range(0..3) == 0;
         let target_durable = if crashes {
@@ -255,6 +269,51 @@ impl World {
             target_durable,
             kept: None,
             resumed_from_start: false,
+            source_crashes_left,
+            source_crashes: 0,
+            restart_config,
+        }
+    }
+
+    /// The source process dies and is started again on the same disks and session: what it
+    /// had in memory (its machine, the bitmaps, guest writes waiting for a mirror) is gone;
+    /// the guest's writes are on the source disks. The target sees a lost link.
+    fn crash_source(&mut self) {
+        self.source_crashes_left -= 1;
+        self.source_crashes += 1;
+        self.cuts_left += 1; // the target's side of it is a cut
+        self.cut();
+        self.cuts -= 1;
+        self.source_reads.clear();
+        self.mirrors_pending.clear();
+        for bitmap in &self.bitmaps {
+            bitmap.harvest();
+        }
+        let specs = self
+            .source_disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| SourceDisk {
+                size: d.len() as u64,
+                identity: format!("disk{i}"),
+                // The restarted process maps extents afresh; the sim does not track them.
+                allocated: if d.is_empty() {
+                    Vec::new()
+                } else {
+                    std::iter::once(0..d.len() as u64).collect()
+                },
+            })
+            .collect();
+        let config = SourceConfig {
+            restarted: true,
+            ..self.restart_config.clone()
+        };
+        self.source = SourceMigration::new(config, specs);
+        self.target_result = None;
+        if self.live && !self.guest_active {
+            // The VMM had paused the guest and asked the dead process to switch over: it
+            // asks the new one.
+            self.switchover_wanted = true;
         }
     }
 
@@ -280,6 +339,9 @@ impl World {
             }
         }
         let crash = self.crashes && self.rng.random();
+        if replaying() {
+            eprintln!("  target crash: {crash}");
+        }
         if let Some(mut target) = self.target.take() {
             target.handle_transport_failed("link cut".into());
             self.target = Some(target);
@@ -327,6 +389,16 @@ impl World {
                 }
                 self.target_durable = self.target_disks.clone();
             }
+        }
+        if replaying() {
+            eprintln!(
+                "  target keeps {:?}",
+                self.kept.as_ref().map(|k| match k {
+                    Kept::Nothing => "nothing",
+                    Kept::Images => "images",
+                    Kept::Session(_) => "session",
+                })
+            );
         }
         if self.source.is_finished() {
             // Lost in a phase that cannot resume: both sides report the failure.
@@ -396,6 +468,9 @@ impl World {
             self.source.start_switchover();
         }
         while let Some(event) = self.source.poll_event() {
+            if replaying() {
+                eprintln!("source event: {event:?}");
+            }
             match event {
                 SourceEvent::Completed(summary) => {
                     assert!(summary.verified);
@@ -477,6 +552,15 @@ impl World {
         let running = self.source_result.is_none() && self.target_result.is_none();
         if running && self.cuts_left > 0 && self.rng.random_range(0..50) == 0 {
             choices.push(8);
+        }
+        let phase = self.source.progress().phase;
+        if running
+            && self.source_crashes_left > 0
+            && matches!(phase, "bulk" | "iterating" | "diff" | "disconnected")
+            && !self.switchover_wanted
+            && self.rng.random_range(0..50) == 0
+        {
+            choices.push(10);
         }
         if running
             && self.source.is_disconnected()
@@ -561,7 +645,18 @@ impl World {
             7 => {
                 self.now = self.source.poll_timeout().unwrap().max(self.now);
             }
-            8 => self.cut(),
+            8 => {
+                if replaying() {
+                    eprintln!("cut in {}", self.source.progress().phase);
+                }
+                self.cut()
+            }
+            10 => {
+                if replaying() {
+                    eprintln!("source crash in {}", self.source.progress().phase);
+                }
+                self.crash_source()
+            }
             _ => self.source.handle_reconnected(),
         }
         true
@@ -673,6 +768,8 @@ enum Outcome {
     ResumedFromStart,
     /// The link was cut in a phase that cannot resume (or the source cannot reconnect).
     LinkLost,
+    /// Completed after the source process crashed and restarted.
+    SourceRestarted,
 }
 
 fn run_seed(seed: u64) -> Outcome {
@@ -702,7 +799,9 @@ fn run_seed(seed: u64) -> Outcome {
                 world.source_disks == world.target_disks,
                 "seed={seed}: target differs from source after a verified migration"
             );
-            if world.resumed_from_start {
+            if world.source_crashes > 0 {
+                Outcome::SourceRestarted
+            } else if world.resumed_from_start {
                 Outcome::ResumedFromStart
             } else if world.cuts > 0 {
                 Outcome::Resumed
@@ -724,6 +823,20 @@ fn run_seed(seed: u64) -> Outcome {
         }
         (Some(Err(MigrationError::Transport(_))), _) if world.cuts > 0 => Outcome::LinkLost,
         (Some(Err(MigrationError::VerifyMismatch { .. })), _) => {
+            if replaying() {
+                for (d, (a, b)) in world
+                    .source_disks
+                    .iter()
+                    .zip(&world.target_disks)
+                    .enumerate()
+                {
+                    let differ = a.iter().zip(b.iter()).position(|(x, y)| x != y);
+                    eprintln!(
+                        "disk {d}: first difference at {differ:?}; verify {:?}",
+                        world.source
+                    );
+                }
+            }
             assert!(
                 world.corrupted,
                 "seed={seed}: mismatch reported without a corruption"
@@ -749,6 +862,14 @@ fn run_seed(seed: u64) -> Outcome {
 
 #[test]
 fn migrations_complete_with_target_equal_to_source_under_any_interleaving() {
+    if let Some(seed) = std::env::var("TERN_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        let outcome = run_seed(seed);
+        eprintln!("seed {seed}: {outcome:?}");
+        return;
+    }
     let seeds: u64 = std::env::var("TERN_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -779,6 +900,7 @@ fn migrations_complete_with_target_equal_to_source_under_any_interleaving() {
             Outcome::Resumed,
             Outcome::ResumedFromStart,
             Outcome::LinkLost,
+            Outcome::SourceRestarted,
         ] {
             assert!(outcomes.contains_key(&outcome), "no seed ended {outcome:?}");
         }

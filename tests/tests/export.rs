@@ -564,3 +564,80 @@ fn a_live_migration_survives_a_link_cut_while_fio_writes() {
     assert!(files.status.success(), "{files:?}");
     assert!(proxy.stats().dropped_by_cut > 0, "the cut dropped nothing");
 }
+
+/// The source daemon is killed (SIGKILL) mid-migration while fio writes through it; the
+/// guest's connection dies with it. Restarted on the same image, the daemon is asked to
+/// migrate again: it resumes the recorded session, compares digests with the target, sends
+/// what differs, converges and commits, and the target equals the source.
+#[test]
+fn a_source_daemon_killed_mid_migration_resumes_its_session_after_a_restart() {
+    use tern_bench::netem::{Impairment, UdpProxy};
+    let s = Setup::new();
+    let a = s.image("a.img", "64M", 8);
+    let a_dst = s.path("a-dst.img");
+    let listen = free_udp_addr();
+    let images = [format!("a={}", a_dst.display())];
+    let mut command = tern();
+    command
+        .args(["serve", "--listen", &listen.to_string(), "--identity"])
+        .arg(&s.dst_id)
+        .args(["--peer", &s.src_fp, "--log", "info"])
+        .args(["--idle-timeout-s", "1", "--resume-window-s", "60"])
+        .arg("--image")
+        .arg(&images[0]);
+    let mut serve = tern_tests::Logged::spawn(command);
+    serve.wait_line("waiting for the source", std::time::Duration::from_secs(60));
+    let proxy = UdpProxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        listen,
+        Impairment::none(),
+        Impairment::none(),
+        10,
+    )
+    .unwrap();
+    let (mut export, _) = s.export(&[("a", &a)]);
+    let fio = KillOnDrop(
+        Command::new("fio")
+            .args(["--name=guest", "--ioengine=nbd", "--rw=randwrite"])
+            .args(["--bsrange=4k-64k", "--iodepth=8", "--size=64M"])
+            .args(["--time_based", "--runtime=30", "--rate=8m"])
+            .arg(format!("--uri={}", s.src_uri("a")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fio (apt-get install fio)"),
+    );
+    let migrate = [
+        "migrate".to_string(),
+        format!("target={}", proxy.local_addr()),
+        format!("peer={}", s.dst_fp),
+        "rate-limit=32M".into(),
+        "idle-timeout-ms=1000".into(),
+    ];
+    let migrate: Vec<&str> = migrate.iter().map(String::as_str).collect();
+    s.ctl(&migrate);
+    assert!(proxy.wait_forwarded(24 << 20, std::time::Duration::from_secs(60)));
+    export.0.kill().expect("SIGKILL the source daemon");
+    let _ = export.0.wait();
+    // The guest loses its disk with the daemon (fio's NBD engine may hang on the dead
+    // socket rather than exit, so it goes too).
+    drop(fio);
+    serve.wait_line("keeping the session", std::time::Duration::from_secs(60));
+
+    // Restarted on the same image: a guest writes again, the operator migrates again.
+    let (_export, _) = s.export(&[("a", &a)]);
+    qemu_io_ok(&s.src_uri("a"), &["write -P 0x3c 3m 200k"]);
+    s.ctl(&migrate);
+    s.ctl(&["wait", "converged", "--timeout", "120"]);
+    let done = s.ctl(&["switchover", "commit=true"]);
+    assert_eq!(done["verified"], true, "{done}");
+    eprintln!("after a source restart: {done}");
+    let (status, _, log) = serve.finish();
+    assert!(status.success(), "serve failed:\n{}", log.join("\n"));
+    let files = compare(a.to_str().unwrap(), a_dst.to_str().unwrap());
+    assert!(files.status.success(), "{files:?}");
+    assert!(
+        (done["bytes-data"].as_u64().unwrap()) < 64 << 20,
+        "the restarted daemon copied everything again: {done}"
+    );
+}

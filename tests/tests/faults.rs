@@ -352,3 +352,51 @@ fn a_target_too_small_is_refused_before_any_data_and_a_full_one_fails_cleanly() 
     );
     assert_eq!(sha256(&setup.source), before, "the source changed");
 }
+
+#[test]
+fn a_source_killed_mid_copy_and_run_again_resumes_its_session() {
+    let setup = setup("random=70,zero=30");
+    let listen = free_udp_addr();
+    let mut serve = serve(&setup, listen, &setup.target);
+    let proxy = proxy_to(listen);
+    let mut first = migrate(&setup, proxy.local_addr(), "96");
+    assert!(proxy.wait_forwarded((IMAGE_MIB / 3) << 20, WAIT));
+    first.child.0.kill().expect("SIGKILL the source");
+    let _ = first.child.0.wait();
+    let record = {
+        let mut name = setup.source.as_os_str().to_owned();
+        name.push(".tern-session");
+        PathBuf::from(name)
+    };
+    assert!(record.exists(), "the killed source left its session record");
+    // The operator runs the same command again once the target noticed.
+    serve.wait_line("keeping the session", WAIT);
+    let second = migrate(&setup, proxy.local_addr(), "1000");
+    let (status, stdout, log) = second.finish();
+    assert!(status.success(), "the rerun failed:\n{}", log.join("\n"));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("resuming the session of a previous run")),
+        "the rerun did not resume:\n{}",
+        log.join("\n")
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON summary");
+    assert_eq!(summary["verified"], true, "{summary}");
+    let (status, _, _) = serve.finish();
+    assert!(status.success());
+    assert!(same_file(&setup.source, &setup.target));
+    assert!(
+        !record.exists(),
+        "a finished migration keeps no session record"
+    );
+    let sent = summary["bytes_data"].as_u64().unwrap();
+    eprintln!(
+        "source restart: the rerun sent {sent} bytes of data ({:.1} % of the image)",
+        sent as f64 * 100.0 / (IMAGE_MIB << 20) as f64
+    );
+    // What the first run got onto the target is not sent again.
+    assert!(
+        sent < (IMAGE_MIB << 20) * 7 / 10,
+        "the rerun sent {sent} bytes: no better than a full copy of the data"
+    );
+}
