@@ -76,9 +76,22 @@ pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        // A child spawned with `in_own_group` leads a process group: kill all of it. For
+        // other children there is no such group and this does nothing. (fio's forked job
+        // processes start groups of their own: the tests run fio with `--thread`.)
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Makes `command` start its own process group, so [`KillOnDrop`] kills its children too.
+pub fn in_own_group(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    command.process_group(0)
 }
 
 /// Starts `tern serve` and waits until it listens (its log says so on stderr).

@@ -202,7 +202,7 @@ fn fio_writes_through_the_export_during_a_live_migration_and_both_disks_arrive_e
     // A guest: fio random 4k–64k writes at QD8 on disk a for 4 s, qemu-io patterns on b.
     let fio_out = s.path("fio.json");
     let mut fio = KillOnDrop(
-        Command::new("fio")
+        tern_tests::in_own_group(&mut Command::new("fio"))
             .args([
                 "--name=guest",
                 "--ioengine=nbd",
@@ -535,8 +535,13 @@ fn a_live_migration_survives_a_link_cut_while_fio_writes() {
     .unwrap();
     let (_export, _) = s.export(&[("a", &a)]);
     let mut fio = KillOnDrop(
-        Command::new("fio")
-            .args(["--name=guest", "--ioengine=nbd", "--rw=randwrite"])
+        tern_tests::in_own_group(&mut Command::new("fio"))
+            .args([
+                "--name=guest",
+                "--thread",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+            ])
             .args(["--bsrange=4k-64k", "--iodepth=8", "--size=64M"])
             .args(["--time_based", "--runtime=6", "--rate=16m"])
             .arg(format!("--uri={}", s.src_uri("a")))
@@ -597,8 +602,13 @@ fn a_source_daemon_killed_mid_migration_resumes_its_session_after_a_restart() {
     .unwrap();
     let (mut export, _) = s.export(&[("a", &a)]);
     let fio = KillOnDrop(
-        Command::new("fio")
-            .args(["--name=guest", "--ioengine=nbd", "--rw=randwrite"])
+        tern_tests::in_own_group(&mut Command::new("fio"))
+            .args([
+                "--name=guest",
+                "--thread",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+            ])
             .args(["--bsrange=4k-64k", "--iodepth=8", "--size=64M"])
             .args(["--time_based", "--runtime=30", "--rate=8m"])
             .arg(format!("--uri={}", s.src_uri("a")))

@@ -400,3 +400,36 @@ fn a_source_killed_mid_copy_and_run_again_resumes_its_session() {
         "the rerun sent {sent} bytes: no better than a full copy of the data"
     );
 }
+
+#[test]
+fn a_source_stopped_past_the_idle_timeout_resumes_after_sigcont() {
+    let setup = setup("random=50,text=50");
+    let listen = free_udp_addr();
+    let mut serve = serve(&setup, listen, &setup.target);
+    let proxy = proxy_to(listen);
+    let migrate = migrate(&setup, proxy.local_addr(), "96");
+    assert!(proxy.wait_forwarded((IMAGE_MIB / 3) << 20, WAIT));
+    let pid = migrate.child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The target gives the silent source up and keeps the session.
+    serve.wait_line("keeping the session", WAIT);
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let requeued = finish_resumed(&setup, migrate, serve);
+    eprintln!("source SIGSTOP/SIGCONT: {requeued} bytes sent again");
+    assert!(
+        requeued <= RESEND_BOUND,
+        "too much sent again: {requeued} bytes"
+    );
+}
