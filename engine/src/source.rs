@@ -32,6 +32,9 @@ use tern_transport::{Control, DiskInfo, ErrorCode, Hello, PROTOCOL_VERSION};
 
 use crate::digest::{digest, is_zero, summary, zero_digest};
 
+/// Checkpoint barriers a resumable source keeps in flight at once.
+const CHECKPOINTS_IN_FLIGHT: usize = 4;
+
 /// Bytes per bulk read (the "block" of the bulk cursor): large reads keep the disk streaming,
 /// and a block is split into frames per run of zero and non-zero chunks.
 pub const BULK_READ_BYTES: u32 = 1 << 20;
@@ -63,6 +66,11 @@ pub struct SourceConfig {
     /// machine reads its disks locally, compares each chunk's digest with the target's, and
     /// sends only the chunks that differ — or everything, if the target lost the session.
     pub restarted: bool,
+    /// Resumable migrations: at most this many data bytes handed out and not yet confirmed
+    /// durable (the bulk pass and the live passes wait above it), so what a lost link costs
+    /// is bounded whatever the load on the target: this plus the transmit queue and the reads
+    /// in flight.
+    pub unconfirmed_bytes_max: u64,
     /// Resumable migrations: a checkpoint barrier after this many bytes handed out, so
     /// the frames the target has not confirmed durable — resent after a lost link — stay
     /// about this many plus what is in flight.
@@ -136,6 +144,7 @@ impl Default for SourceConfig {
             resumable: false,
             restarted: false,
             checkpoint_bytes: 16 << 20,
+            unconfirmed_bytes_max: 64 << 20,
         }
     }
 }
@@ -572,8 +581,10 @@ pub struct SourceMigration {
     handed_out: u64,
     /// Barriers handed out and not yet answered: (id, frames handed out before it).
     barrier_marks: VecDeque<(u64, u64)>,
-    /// The checkpoint barrier in flight.
-    checkpoint: Option<u64>,
+    /// Checkpoint barriers in flight (pipelined, at most `CHECKPOINTS_IN_FLIGHT`).
+    checkpoints: VecDeque<u64>,
+    /// Copy (not mirror) data bytes of the frames in `unconfirmed`.
+    unconfirmed_bytes: u64,
     /// Bytes handed out since the last checkpoint.
     since_checkpoint: u64,
     /// Disconnected, or handshaking again after a lost link: the phase to continue in.
@@ -600,6 +611,10 @@ struct Sent {
     chunk_count: u32,
     generation: u64,
     zero: bool,
+    /// Data bytes counted against `unconfirmed_bytes_max` (0 for zero ranges and for
+    /// mirrored writes, which the guest's queue bounds and which must never wait for the
+    /// copy).
+    bytes: u64,
 }
 
 impl Sent {
@@ -610,6 +625,7 @@ impl Sent {
                 chunk,
                 chunk_count,
                 generation,
+                ref data,
                 ..
             } => Some(Sent {
                 disk,
@@ -617,6 +633,7 @@ impl Sent {
                 chunk_count,
                 generation,
                 zero: false,
+                bytes: data.len() as u64,
             }),
             Transmit::Zero {
                 disk,
@@ -630,6 +647,7 @@ impl Sent {
                 chunk_count,
                 generation,
                 zero: true,
+                bytes: 0,
             }),
             Transmit::Control(_) => None,
         }
@@ -709,7 +727,8 @@ impl SourceMigration {
             unconfirmed_base: 0,
             handed_out: 0,
             barrier_marks: VecDeque::new(),
-            checkpoint: None,
+            checkpoints: VecDeque::new(),
+            unconfirmed_bytes: 0,
             since_checkpoint: 0,
             resume_phase: None,
             zeros_to_resend: Vec::new(),
@@ -782,13 +801,20 @@ impl SourceMigration {
         }
         match &transmit {
             Transmit::Data { stream, .. } | Transmit::Zero { stream, .. } => {
+                let mirror = self.mirror_stream() == Some(*stream);
                 self.frames_sent[*stream as usize] += 1;
                 self.handed_out += 1;
                 self.since_checkpoint += (transmit.queued_bytes() as u64).max(4096);
-                if self.config.resumable {
-                    self.unconfirmed.extend(Sent::of(&transmit));
+                if self.config.resumable
+                    && let Some(mut sent) = Sent::of(&transmit)
+                {
+                    if mirror {
+                        sent.bytes = 0;
+                    }
+                    self.unconfirmed_bytes += sent.bytes;
+                    self.unconfirmed.push_back(sent);
                 }
-                self.maybe_checkpoint();
+                self.maybe_checkpoint(false);
             }
             Transmit::Control(Control::Barrier { id, .. }) => {
                 self.barrier_marks.push_back((*id, self.handed_out));
@@ -824,10 +850,11 @@ impl SourceMigration {
             self.barrier_marks.drain(..=position);
             let confirmed =
                 (upto.saturating_sub(self.unconfirmed_base) as usize).min(self.unconfirmed.len());
-            self.unconfirmed.drain(..confirmed);
+            let bytes: u64 = self.unconfirmed.drain(..confirmed).map(|s| s.bytes).sum();
+            self.unconfirmed_bytes -= bytes;
             self.unconfirmed_base = self.unconfirmed_base.max(upto);
-            if self.checkpoint == Some(id) {
-                self.checkpoint = None;
+            if let Some(at) = self.checkpoints.iter().position(|c| *c == id) {
+                self.checkpoints.remove(at);
                 return;
             }
         }
@@ -1085,7 +1112,8 @@ impl SourceMigration {
         self.unconfirmed_base = 0;
         self.handed_out = 0;
         self.barrier_marks.clear();
-        self.checkpoint = None;
+        self.checkpoints.clear();
+        self.unconfirmed_bytes = 0;
         self.since_checkpoint = 0;
         self.frames_sent.iter_mut().for_each(|f| *f = 0);
         self.pass_barrier = None;
@@ -1259,19 +1287,24 @@ impl SourceMigration {
         self.bulk_done_reported = false;
     }
 
-    /// Resumable: queues a checkpoint barrier once enough was handed out, so a lost link
-    /// costs at most about `checkpoint_bytes` plus the window in flight.
-    fn maybe_checkpoint(&mut self) {
+    /// Resumable: queues a checkpoint barrier once `checkpoint_bytes` were handed out since
+    /// the last one (or, `now`, once anything was), unless enough are in flight already.
+    fn maybe_checkpoint(&mut self, now: bool) {
+        let due = if now {
+            self.since_checkpoint > 0
+        } else {
+            self.since_checkpoint >= self.config.checkpoint_bytes
+        };
         if !self.config.resumable
-            || self.checkpoint.is_some()
-            || self.since_checkpoint < self.config.checkpoint_bytes
+            || !due
+            || self.checkpoints.len() >= CHECKPOINTS_IN_FLIGHT
             || !matches!(self.phase, Phase::Bulk | Phase::Iterating)
         {
             return;
         }
         let id = self.next_barrier;
         self.next_barrier += 1;
-        self.checkpoint = Some(id);
+        self.checkpoints.push_back(id);
         self.since_checkpoint = 0;
         // Next out; its frame counts are filled in when it is handed out.
         self.transmit
@@ -1279,6 +1312,20 @@ impl SourceMigration {
                 id,
                 frames: Vec::new(),
             }));
+    }
+
+    /// Resumable, bulk pass or live pass: too much handed out is not yet confirmed durable.
+    /// Planning waits (a checkpoint covering everything handed out is on its way), so a lost
+    /// link never costs more than `unconfirmed_bytes_max` plus the queues. The final pass
+    /// does not wait: its own barrier confirms it.
+    fn durability_window_full(&mut self) -> bool {
+        let full = self.config.resumable
+            && matches!(self.phase, Phase::Bulk | Phase::Iterating)
+            && self.unconfirmed_bytes >= self.config.unconfirmed_bytes_max;
+        if full {
+            self.maybe_checkpoint(true);
+        }
+        full
     }
 
     fn set_phase(&mut self, phase: Phase) {
@@ -1499,7 +1546,7 @@ impl SourceMigration {
 
     /// Plans bulk work until the read window or the transmit queue is full.
     fn plan_bulk(&mut self) {
-        if self.phase != Phase::Bulk {
+        if self.phase != Phase::Bulk || self.durability_window_full() {
             return;
         }
         while self.copy_reads_in_flight() < self.config.reads_in_flight_max
@@ -1552,7 +1599,8 @@ impl SourceMigration {
         if !matches!(
             self.phase,
             Phase::Bulk | Phase::Iterating | Phase::FinalPass
-        ) {
+        ) || self.durability_window_full()
+        {
             return;
         }
         while self.copy_reads_in_flight() < self.config.reads_in_flight_max
