@@ -5,6 +5,7 @@ mod copy;
 mod live;
 mod nbd;
 mod process;
+mod proxy;
 mod qemu;
 mod report;
 mod stats;
@@ -36,6 +37,9 @@ enum Command {
     /// converge, and the guest's write rate and latency before and during the migration.
     /// With `--peer qemu`, the same guest against QEMU's mirror too, interleaved.
     Nbd(nbd::NbdArgs),
+    /// A link emulator between two processes: delay, jitter, loss, duplication, reordering
+    /// and rate for UDP (Tern's QUIC), delay, jitter and rate for TCP (QEMU's NBD).
+    Proxy(proxy::ProxyArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Copy(args) => run_copy(&args),
         Command::Live(args) => live::run(&args),
         Command::Nbd(args) => nbd::run(&args),
+        Command::Proxy(args) => proxy::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
