@@ -159,6 +159,33 @@ fn qemu_io_ok(uri: &str, commands: &[&str]) {
     );
 }
 
+/// A guest: fio random 4–64 KiB writes at QD8 over NBD for `runtime` seconds at `rate`, as
+/// threads in its own process group, so killing it leaves nothing behind.
+fn fio_guest(uri: &str, runtime: &str, rate: &str) -> KillOnDrop {
+    KillOnDrop(
+        tern_tests::in_own_group(&mut Command::new("fio"))
+            .args([
+                "--name=guest",
+                "--thread",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+            ])
+            .args([
+                "--bsrange=4k-64k",
+                "--iodepth=8",
+                "--size=64M",
+                "--time_based",
+            ])
+            .arg(format!("--runtime={runtime}"))
+            .arg(format!("--rate={rate}"))
+            .arg(format!("--uri={uri}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fio (apt-get install fio)"),
+    )
+}
+
 fn compare(a: &str, b: &str) -> Output {
     Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw", a, b])
@@ -534,21 +561,7 @@ fn a_live_migration_survives_a_link_cut_while_fio_writes() {
     )
     .unwrap();
     let (_export, _) = s.export(&[("a", &a)]);
-    let mut fio = KillOnDrop(
-        tern_tests::in_own_group(&mut Command::new("fio"))
-            .args([
-                "--name=guest",
-                "--thread",
-                "--ioengine=nbd",
-                "--rw=randwrite",
-            ])
-            .args(["--bsrange=4k-64k", "--iodepth=8", "--size=64M"])
-            .args(["--time_based", "--runtime=6", "--rate=16m"])
-            .arg(format!("--uri={}", s.src_uri("a")))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("fio (apt-get install fio)"),
-    );
+    let mut fio = fio_guest(&s.src_uri("a"), "6", "16m");
     s.ctl(&[
         "migrate",
         &format!("target={}", proxy.local_addr()),
@@ -601,22 +614,7 @@ fn a_source_daemon_killed_mid_migration_resumes_its_session_after_a_restart() {
     )
     .unwrap();
     let (mut export, _) = s.export(&[("a", &a)]);
-    let fio = KillOnDrop(
-        tern_tests::in_own_group(&mut Command::new("fio"))
-            .args([
-                "--name=guest",
-                "--thread",
-                "--ioengine=nbd",
-                "--rw=randwrite",
-            ])
-            .args(["--bsrange=4k-64k", "--iodepth=8", "--size=64M"])
-            .args(["--time_based", "--runtime=30", "--rate=8m"])
-            .arg(format!("--uri={}", s.src_uri("a")))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("fio (apt-get install fio)"),
-    );
+    let fio = fio_guest(&s.src_uri("a"), "30", "8m");
     let migrate = [
         "migrate".to_string(),
         format!("target={}", proxy.local_addr()),

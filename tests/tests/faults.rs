@@ -244,34 +244,7 @@ fn a_target_killed_mid_bulk_and_restarted_resumes_from_its_marker() {
 
 #[test]
 fn a_target_stopped_past_the_idle_timeout_resumes_after_sigcont() {
-    let setup = setup("random=50,text=50");
-    let listen = free_udp_addr();
-    let serve = serve(&setup, listen, &setup.target);
-    let proxy = proxy_to(listen);
-    let mut migrate = migrate(&setup, proxy.local_addr(), "96");
-    assert!(proxy.wait_forwarded((IMAGE_MIB / 3) << 20, WAIT));
-    let pid = serve.child.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    migrate.wait_line("link lost", WAIT);
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let requeued = finish_resumed(&setup, migrate, serve);
-    eprintln!("SIGSTOP/SIGCONT: {requeued} bytes sent again");
-    assert!(
-        requeued <= RESEND_BOUND,
-        "too much sent again: {requeued} bytes"
-    );
+    stop_past_the_idle_timeout(Stopped::Target);
 }
 
 /// A tmpfs of `mib` MiB mounted under `dir`, unmounted on drop.
@@ -402,31 +375,45 @@ fn a_source_killed_mid_copy_and_run_again_resumes_its_session() {
 
 #[test]
 fn a_source_stopped_past_the_idle_timeout_resumes_after_sigcont() {
+    stop_past_the_idle_timeout(Stopped::Source);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stopped {
+    Source,
+    Target,
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}: {status}");
+}
+
+/// SIGSTOPs one side mid-bulk until the other gives the link up (its log says so), then
+/// SIGCONTs it: both sides resume, sending again at most the in-flight window.
+fn stop_past_the_idle_timeout(stopped: Stopped) {
     let setup = setup("random=50,text=50");
     let listen = free_udp_addr();
     let mut serve = serve(&setup, listen, &setup.target);
     let proxy = proxy_to(listen);
-    let migrate = migrate(&setup, proxy.local_addr(), "96");
+    let mut migrate = migrate(&setup, proxy.local_addr(), "96");
     assert!(proxy.wait_forwarded((IMAGE_MIB / 3) << 20, WAIT));
-    let pid = migrate.child.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    // The target gives the silent source up and keeps the session.
-    serve.wait_line("keeping the session", WAIT);
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pid = match stopped {
+        Stopped::Source => migrate.child.0.id(),
+        Stopped::Target => serve.child.0.id(),
+    };
+    signal(pid, "-STOP");
+    match stopped {
+        // The target gives the silent source up and keeps the session.
+        Stopped::Source => serve.wait_line("keeping the session", WAIT),
+        Stopped::Target => migrate.wait_line("link lost", WAIT),
+    };
+    signal(pid, "-CONT");
     let requeued = finish_resumed(&setup, migrate, serve);
-    eprintln!("source SIGSTOP/SIGCONT: {requeued} bytes sent again");
+    eprintln!("{stopped:?} SIGSTOP/SIGCONT: {requeued} bytes sent again");
     assert!(
         requeued <= RESEND_BOUND,
         "too much sent again: {requeued} bytes"

@@ -47,20 +47,7 @@ async fn target_error_after(dir: &Path, bad: Vec<u8>) -> MigrationError {
     .unwrap();
     let (control_send, _control_recv) = connection.open_bi().await.unwrap();
     let mut control = FrameWriter::new(control_send);
-    let hello = Control::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        features: FEATURES_SUPPORTED,
-        session_id: [1; 16],
-        chunk_bytes: CHUNK_BYTES,
-        data_streams: 1,
-        disks: vec![DiskInfo {
-            size: DISK_BYTES,
-            identity: "hostile".into(),
-            allocated: DISK_BYTES,
-        }],
-        resume: false,
-    });
-    control.send(hello.encode()).await.unwrap();
+    control.send(hello([1; 16]).encode()).await.unwrap();
     let mut data = connection.open_uni().await.unwrap();
     // The target may close the connection while we write; that is its answer, not an error.
     let _ = data.write_all(&bad).await;
@@ -79,6 +66,23 @@ async fn target_error_after(dir: &Path, bad: Vec<u8>) -> MigrationError {
         "the image lost its incomplete marker"
     );
     error
+}
+
+/// A well-formed Hello for one disk of `DISK_BYTES`, one data stream.
+fn hello(session_id: [u8; 16]) -> Control {
+    Control::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        features: FEATURES_SUPPORTED,
+        session_id,
+        chunk_bytes: CHUNK_BYTES,
+        data_streams: 1,
+        disks: vec![DiskInfo {
+            size: DISK_BYTES,
+            identity: "hostile".into(),
+            allocated: DISK_BYTES,
+        }],
+        resume: false,
+    })
 }
 
 fn header(fields: ValidHeader, payload: Bytes) -> EncodedFrame {
@@ -361,20 +365,7 @@ fn fuzzed_frames_over_real_connections_never_write_outside_the_image() {
             };
             let (control_send, control_recv) = connection.open_bi().await.unwrap();
             let mut control = FrameWriter::new(control_send);
-            let hello = Control::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                features: FEATURES_SUPPORTED,
-                session_id: [2; 16],
-                chunk_bytes: CHUNK_BYTES,
-                data_streams: 1,
-                disks: vec![DiskInfo {
-                    size: DISK_BYTES,
-                    identity: "fuzzed".into(),
-                    allocated: DISK_BYTES,
-                }],
-                resume: false,
-            });
-            control.send(hello.encode()).await.unwrap();
+            control.send(hello([2; 16]).encode()).await.unwrap();
             let mut data = connection.open_uni().await.unwrap();
             let _ = data.write_all(bad).await;
             let _ = data.finish();
