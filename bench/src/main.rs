@@ -1,14 +1,20 @@
 //! `tern-bench`: Tern's benchmark harness. Each scenario runs Tern and its peers in the same
 //! invocation, interleaved, and reports medians, ratios and whether the goals are met.
 
+mod case;
+mod compare;
 mod copy;
+mod link;
 mod live;
+mod measure;
 mod nbd;
+mod plot;
 mod process;
 mod proxy;
 mod qemu;
 mod report;
 mod stats;
+mod suite;
 
 use std::process::ExitCode;
 
@@ -32,11 +38,14 @@ enum Command {
     /// Live migration with a writing guest (`tern demo`), repeated: storage downtime and the
     /// guest's achieved write rate.
     Live(live::LiveArgs),
-    /// Live migration through the daemon's NBD export (`tern export` → `tern serve
-    /// --export-nbd`) with fio writing over NBD, driven by `tern ctl`: downtime, time to
-    /// converge, and the guest's write rate and latency before and during the migration.
-    /// With `--peer qemu`, the same guest against QEMU's mirror too, interleaved.
+    /// One live case: a migration through the daemon's NBD export (`tern export` → `tern
+    /// serve --export-nbd`) with fio writing over NBD (or an idle guest), driven by `tern
+    /// ctl`, on loopback or an emulated link; with `--qemu MODES`, QEMU's mirror on the same
+    /// case, interleaved. Report, JSON and charts.
     Nbd(nbd::NbdArgs),
+    /// The standard suite (`bench/suite.toml`): the hardware limits and every case, Tern and
+    /// its peers interleaved; one Markdown report that checks the performance targets.
+    Suite(suite::SuiteArgs),
     /// A link emulator between two processes: delay, jitter, loss, duplication, reordering
     /// and rate for UDP (Tern's QUIC), delay, jitter and rate for TCP (QEMU's NBD).
     Proxy(proxy::ProxyArgs),
@@ -48,6 +57,7 @@ fn main() -> ExitCode {
         Command::Copy(args) => run_copy(&args),
         Command::Live(args) => live::run(&args),
         Command::Nbd(args) => nbd::run(&args),
+        Command::Suite(args) => suite::run(&args),
         Command::Proxy(args) => proxy::run(&args),
     };
     match result {

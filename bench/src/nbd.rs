@@ -1,14 +1,16 @@
-//! The NBD scenario: a live migration through the daemon's NBD export with a real NBD client
-//! writing. Per repetition, `tern serve --export-nbd` (target) and `tern export` (source)
-//! run as separate processes, `fio --ioengine=nbd` writes random blocks through the source's
-//! export, and `tern ctl` drives the migration step by step: `migrate`, `wait converged`,
-//! two more seconds of guest writes, the guest stopped (as a VMM pauses a VM), then
-//! `switchover commit=true`. The guest's write rate and latency come from fio's per-IO latency
-//! log, split into the window before the migration and the window until convergence.
+//! The live scenario: a live migration with a real NBD client writing, Tern and its peers
+//! on the same case, interleaved. Per repetition and system, the source and the target run
+//! as separate processes, `fio --ioengine=nbd` writes random blocks through the source's
+//! NBD export (unless the case's guest is idle), the migration runs to convergence, the
+//! guest writes 2 s more and is stopped (as a VMM pauses a VM), and the switchover commits.
+//! Tern: `tern serve --export-nbd` (target) and `tern export` (source), driven by `tern
+//! ctl` step by step (`migrate`, `wait converged`, `switchover commit=true`). QEMU: see
+//! [`crate::qemu`]. The guest's write rate and latency come from fio's per-IO latency log,
+//! split into the window before the migration and the window until convergence; CPU time
+//! and peak memory of both daemons come from `/proc`, the bytes on the link from the
+//! kernel's interface counters ([`crate::link`]).
 //!
-//! This mirrors the QEMU method of `../shared/README.md` (the VM pauses 2 s after READY);
-//! `--peer qemu` runs that method too, with the same guest, after every Tern repetition
-//! (see [`crate::qemu`]).
+//! This is the QEMU method of `../shared/README.md` (the VM pauses 2 s after READY).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,11 +21,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
+use crate::case::{Case, System, Writer};
 use crate::copy::{Identity, MIX, default_tern, keygen, remove_target};
+use crate::link::{Link, LinkSpec};
+use crate::measure::{CoursePoint, Usage, quantiles};
 use crate::process::{self, Guard, LineWatcher, run_timed};
 use crate::qemu;
 use crate::report::opt;
-use crate::stats::{Summary, percentile, summarize};
+use crate::stats::percentile;
 
 /// Bound on `tern gen-image` and `qemu-img compare` of one image.
 const LONG_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -32,7 +37,7 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on one `tern ctl` command other than `wait`.
 const CTL_TIMEOUT: Duration = Duration::from_secs(120);
 /// `tern ctl wait converged --timeout`, seconds.
-pub(crate) const CONVERGE_TIMEOUT_S: u64 = 600;
+pub(crate) const CONVERGE_TIMEOUT_S: u64 = 3600;
 /// Bound on fio exiting after SIGINT (it writes its logs and its JSON first).
 pub(crate) const FIO_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on a daemon exiting after SIGTERM (it flushes its disks first).
@@ -41,6 +46,9 @@ pub(crate) const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const BASELINE: Duration = Duration::from_secs(2);
 /// How long the guest keeps writing after convergence before it is stopped.
 pub(crate) const AFTER_CONVERGED: Duration = Duration::from_secs(2);
+/// How often the course of a migration is sampled (Tern's progress events, QEMU's
+/// `query-block-jobs`).
+pub(crate) const COURSE_INTERVAL: Duration = Duration::from_millis(200);
 /// The `tern serve` log line that says it listens.
 const SERVE_READY: &str = "waiting for the source";
 /// The `tern export` log line that says its NBD and control sockets are up.
@@ -51,8 +59,10 @@ pub(crate) const DISK: &str = "disk";
 const LAT_PREFIX: &str = "lat";
 /// The log with the total latency of each IO (submission to completion), in ns.
 const LAT_LOG: &str = "lat_lat.log";
+/// Quantiles kept of the guest's write latency during the migration (for the CDF plot).
+const LATENCY_QUANTILES: usize = 200;
 
-/// Arguments of `tern-bench nbd`.
+/// Arguments of `tern-bench nbd`: one live case from the command line.
 #[derive(clap::Args, Debug)]
 pub(crate) struct NbdArgs {
     /// Repetitions.
@@ -61,91 +71,259 @@ pub(crate) struct NbdArgs {
     /// Image size, as `tern gen-image --size` takes it (e.g. 2G, 256M).
     #[arg(long, default_value = "2G")]
     size: String,
-    /// The guest's write rate, MiB/s (fio `--rate`); ignored with `--unpaced`.
+    /// The guest's write rate, MiB/s (fio `--rate`); ignored with `--unpaced` or `--idle`.
     #[arg(long, default_value_t = 32.0)]
     rate: f64,
     /// The guest's queue depth (fio `--iodepth`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     queue_depth: u32,
     /// Write as fast as the export accepts (no fio `--rate`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "idle")]
     unpaced: bool,
-    /// The migration's mode (`migrate mode=`).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "background"])]
+    /// No guest at all (an idle VM).
+    #[arg(long)]
+    idle: bool,
+    /// The link: `loopback`, `tbf:MBIT` (a veth pair to a network namespace shaped with
+    /// tbf; needs root) or `wan:MBIT:RTT_MS:LOSS` (the user-space emulator).
+    #[arg(long, default_value = "loopback")]
+    link: LinkSpec,
+    /// Tern's migration mode (`migrate mode=`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "background", "active"])]
     mode: String,
     /// Storage downtime budget (`migrate max-downtime-ms=`).
     #[arg(long, default_value_t = 50)]
     max_downtime_ms: u64,
-    /// Page cache use of the source daemon (`tern export --cache`).
+    /// Page cache use of the sources (`tern export --cache`; QEMU's source cache.direct).
     #[arg(long, default_value = "writeback", value_parser = ["none", "writeback"])]
-    pub(crate) cache: String,
-    /// Also run the same guest against QEMU's mirror (`qemu-storage-daemon` source and target,
-    /// `blockdev-mirror` driven over QMP), in copy modes `background` and `write-blocking`,
-    /// interleaved with Tern in every repetition; writes `nbd-CASE-vs-qemu.md` and `.json`.
-    #[arg(long, value_parser = ["qemu"])]
-    peer: Option<String>,
+    cache: String,
+    /// Also run QEMU's mirror in these copy modes, interleaved with Tern in every
+    /// repetition: `background`, `write-blocking`, either with `-tls` (NBD over TLS, x509
+    /// credentials on both daemons). Comma-separated or repeated.
+    #[arg(long, value_delimiter = ',', value_parser = ["background", "write-blocking", "background-tls", "write-blocking-tls"])]
+    qemu: Vec<String>,
     /// Page cache use of QEMU's target image (`none`: cache.direct=on, like `tern serve`'s
-    /// O_DIRECT target; `writeback`: cache.direct=off). QEMU's source follows `--cache`.
+    /// O_DIRECT target; `writeback`: cache.direct=off).
     #[arg(long, default_value = "none", value_parser = ["none", "writeback"])]
-    pub(crate) qemu_target_cache: String,
+    qemu_target_cache: String,
     /// Scratch directory for images, identities, sockets and fio's logs (not tmpfs: the
-    /// target uses O_DIRECT).
+    /// targets use O_DIRECT).
     #[arg(long, default_value = "tern-bench-work")]
     dir: PathBuf,
-    /// Directory for the report (`nbd-CASE.md`, also printed) and the raw runs
-    /// (`nbd-CASE.json`); CASE names the queue depth, rate and mode.
+    /// Directory for the report (`nbd-CASE.md`, also printed), the raw runs
+    /// (`nbd-CASE.json`) and the plots (`nbd-CASE-*.svg`).
     #[arg(long, default_value = ".")]
-    pub(crate) out: PathBuf,
+    out: PathBuf,
     /// The `tern` binary; by default the one next to this binary, else `tern` on PATH.
     #[arg(long)]
     tern: Option<PathBuf>,
-    /// Keep fio's latency log and JSON of each repetition in the scratch directory
-    /// (`rep-N-lat_lat.log`, `rep-N-fio.json`).
+    /// Keep fio's latency log and JSON of each run in the scratch directory
+    /// (`SYSTEM-rep-N-lat_lat.log`, `SYSTEM-rep-N-fio.json`).
     #[arg(long)]
     keep_logs: bool,
 }
 
 impl NbdArgs {
-    /// The guest's intended rate in MiB/s, `None` when unpaced.
-    pub(crate) fn intended(&self) -> Option<f64> {
-        (!self.unpaced).then_some(self.rate)
-    }
-
-    /// A short name of the case, used in file names.
-    pub(crate) fn case_name(&self) -> String {
-        let rate = match self.intended() {
-            Some(rate) => format!("{rate}mibs"),
-            None => "unpaced".to_owned(),
+    /// The case these options describe.
+    fn case(&self) -> anyhow::Result<Case> {
+        let writer = if self.idle {
+            Writer::None
+        } else if self.unpaced {
+            Writer::Unpaced {
+                queue_depth: self.queue_depth,
+            }
+        } else {
+            Writer::Paced {
+                rate_mib_s: self.rate,
+                queue_depth: self.queue_depth,
+            }
         };
-        format!("qd{}-{rate}-{}", self.queue_depth, self.mode)
+        let guest = match writer {
+            Writer::None => "idle".to_owned(),
+            Writer::Paced {
+                rate_mib_s,
+                queue_depth,
+            } => format!("qd{queue_depth}-{rate_mib_s}mibs"),
+            Writer::Unpaced { queue_depth } => format!("qd{queue_depth}-unpaced"),
+        };
+        let link = match &self.link {
+            LinkSpec::Loopback => String::new(),
+            other => format!("-{}", other.to_string().replace([':', '.'], "-")),
+        };
+        let mut systems = vec![System::Tern];
+        for mode in &self.qemu {
+            systems.push(format!("qemu-{mode}").parse()?);
+        }
+        let case = Case {
+            name: format!("{guest}-{}{link}", self.mode),
+            size: self.size.clone(),
+            mix: MIX.to_owned(),
+            reps: self.reps,
+            writer,
+            link: self.link.clone(),
+            mode: self.mode.clone(),
+            max_downtime_ms: self.max_downtime_ms,
+            cache: self.cache.clone(),
+            qemu_target_cache: self.qemu_target_cache.clone(),
+            systems,
+        };
+        case.validate()?;
+        Ok(case)
     }
 }
 
-/// The set-up of one `tern-bench nbd` invocation, as recorded in the JSON.
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct NbdConfig {
-    /// Virtual size of the image in bytes.
-    pub(crate) size_bytes: u64,
-    /// Repetitions.
-    pub(crate) reps: u32,
-    /// `tern gen-image --mix` (the seed is the repetition number).
-    pub(crate) mix: String,
-    /// The guest's intended rate, MiB/s (`None`: unpaced).
-    pub(crate) rate_mib_s: Option<f64>,
-    /// fio `--iodepth`.
-    pub(crate) queue_depth: u32,
-    /// `migrate mode=`.
-    pub(crate) mode: String,
-    /// `migrate max-downtime-ms=`.
-    pub(crate) max_downtime_ms: u64,
-    /// `tern export --cache`.
-    pub(crate) cache: String,
-    /// The guest's command line (DIR stands for the scratch directory).
-    pub(crate) fio_cmd: String,
+/// Runs one case from the command line and writes its report, JSON and plots.
+pub(crate) fn run(args: &NbdArgs) -> anyhow::Result<()> {
+    let case = args.case()?;
+    let tern = args.tern.clone().unwrap_or_else(default_tern);
+    let env = Env::prepare(&tern, &args.dir, &case.systems)?;
+    let results = run_case(&env, &case, args.keep_logs)?;
+    fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let (_, report) = crate::compare::write(&results, &args.out)?;
+    print!("{report}");
+    Ok(())
+}
+
+/// What every case of one invocation shares: binaries, identities, credentials, versions.
+pub(crate) struct Env {
+    /// The `tern` binary.
+    pub(crate) tern: PathBuf,
+    /// Scratch directory (absolute).
+    pub(crate) dir: PathBuf,
+    /// The source daemon's identity.
+    source_id: Identity,
+    /// The target's identity.
+    target_id: Identity,
     /// `fio --version`.
     pub(crate) fio_version: String,
+    /// `qemu-storage-daemon --version`'s first line, if a QEMU system runs.
+    pub(crate) qemu_version: Option<String>,
+    /// QEMU's x509 credentials (`server/` and `client/`), if a QEMU system uses TLS.
+    pub(crate) qemu_tls: Option<PathBuf>,
+}
+
+impl Env {
+    /// Checks the tools the systems need and makes the identities and credentials.
+    pub(crate) fn prepare(tern: &Path, dir: &Path, systems: &[System]) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let dir = dir.canonicalize()?;
+        let fio_version = first_line("fio", "--version", "install fio")?;
+        let any_qemu = systems.iter().any(|s| *s != System::Tern);
+        let qemu_version = if any_qemu {
+            Some(first_line(
+                "qemu-storage-daemon",
+                "--version",
+                "install qemu-system-x86 or qemu-utils",
+            )?)
+        } else {
+            None
+        };
+        let any_tls = systems
+            .iter()
+            .any(|s| matches!(s, System::Qemu { tls: true, .. }));
+        let qemu_tls = if any_tls {
+            Some(qemu::make_tls_credentials(&dir.join("qemu-tls"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            tern: tern.to_owned(),
+            source_id: keygen(tern, &dir.join("nbd-src-id"))?,
+            target_id: keygen(tern, &dir.join("nbd-dst-id"))?,
+            dir,
+            fio_version,
+            qemu_version,
+            qemu_tls,
+        })
+    }
+}
+
+/// The first line `program ARG` prints; fails with `hint`.
+fn first_line(program: &str, arg: &str, hint: &str) -> anyhow::Result<String> {
+    Ok(run_timed(
+        &format!("{program} {arg}"),
+        Command::new(program).arg(arg),
+        Duration::from_secs(10),
+    )
+    .with_context(|| format!("{program} ({hint})"))?
+    .check(&format!("{program} {arg} ({hint})"))?
+    .stdout
+    .lines()
+    .next()
+    .unwrap_or_default()
+    .trim()
+    .to_owned())
+}
+
+/// Everything one case measured.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct CaseResults {
+    /// The case.
+    pub(crate) case: Case,
+    /// Virtual size of its image, bytes.
+    pub(crate) size_bytes: u64,
+    /// The guest's command line (DIR stands for the scratch directory), if any.
+    pub(crate) fio_cmd: Option<String>,
+    /// `fio --version`.
+    pub(crate) fio_version: String,
+    /// `qemu-storage-daemon --version`, if a QEMU system ran.
+    pub(crate) qemu_version: Option<String>,
     /// The tern binary used.
     pub(crate) tern: String,
+    /// Every run, in run order.
+    pub(crate) runs: Vec<Run>,
+}
+
+/// Runs every repetition of `case`, each system in turn.
+pub(crate) fn run_case(env: &Env, case: &Case, keep_logs: bool) -> anyhow::Result<CaseResults> {
+    let link = Link::up(&case.link)?;
+    let bench = Bench {
+        env,
+        case,
+        link: &link,
+        keep_logs,
+    };
+    let mut runs = Vec::new();
+    let mut size_bytes = 0;
+    for rep in 1..=case.reps {
+        for &system in &case.systems {
+            eprintln!(
+                "tern-bench: {}: {system}, repetition {rep}/{}",
+                case.name, case.reps
+            );
+            let (run, size) = match system {
+                System::Tern => bench.run_tern(rep)?,
+                System::Qemu { .. } => qemu::run_one(&bench, rep, system)?,
+            };
+            size_bytes = size;
+            eprintln!(
+                "tern-bench:   total {:.2} s, converged after {:.2} s, downtime {:.1} ms, guest {} → {} MiB/s, p99 {} → {} µs, CPU {:.2} + {:.2} s, RSS {:.0} / {:.0} MiB, link {:.0} MiB, target = source {}",
+                run.total_s,
+                run.converge_s,
+                run.downtime_ms,
+                opt(run.before.as_ref().map(|w| w.mib_s), 1),
+                opt(run.during.as_ref().map(|w| w.mib_s), 1),
+                opt(run.before.as_ref().and_then(|w| w.p99_us), 0),
+                opt(run.during.as_ref().and_then(|w| w.p99_us), 0),
+                run.source.cpu_s,
+                run.target.cpu_s,
+                mib(run.source.peak_rss_bytes),
+                mib(run.target.peak_rss_bytes),
+                mib(run.link_bytes),
+                run.equal
+            );
+            runs.push(run);
+        }
+    }
+    Ok(CaseResults {
+        case: case.clone(),
+        size_bytes,
+        fio_cmd: (case.writer != Writer::None)
+            .then(|| fio_command_line(case, Path::new("DIR"), size_bytes)),
+        fio_version: env.fio_version.clone(),
+        qemu_version: env.qemu_version.clone(),
+        tern: env.tern.display().to_string(),
+        runs,
+    })
 }
 
 /// Write throughput and latency of the guest in one time window, from fio's latency log.
@@ -174,192 +352,91 @@ struct Sample {
     bytes: u64,
 }
 
-/// One repetition.
+/// One run of one system on one repetition's image.
 #[derive(Clone, Debug, Serialize)]
-pub(crate) struct RunRecord {
+pub(crate) struct Run {
+    /// Which system.
+    pub(crate) system: System,
     /// Repetition, from 1 (also the image's seed).
     pub(crate) rep: u32,
     /// Whether the page cache was dropped before the daemons started.
     pub(crate) caches_dropped: bool,
-    /// From `migrate` to the end of the commit, as the daemon measures it (`total-time-s`);
-    /// includes the 2 s the guest keeps writing after convergence and stopping it.
+    /// From the start of the migration to the commit (Tern: the daemon's `total-time-s`,
+    /// `migrate` → commit; QEMU: `blockdev-mirror` → `BLOCK_JOB_COMPLETED`); with a guest,
+    /// includes the 2 s it keeps writing after convergence.
     pub(crate) total_s: f64,
-    /// From just before `tern ctl migrate` to the return of `tern ctl wait converged`.
+    /// From the start of the migration to convergence (Tern: `wait converged` returns;
+    /// QEMU: `BLOCK_JOB_READY`).
     pub(crate) converge_s: f64,
-    /// Storage downtime reported by `switchover` (hold → verified handoff).
+    /// Storage downtime, ms (Tern: the switchover's `downtime-ms`, hold of the NBD clients
+    /// → verified handoff; QEMU: `block-job-complete` → `BLOCK_JOB_COMPLETED`).
     pub(crate) downtime_ms: f64,
-    /// Whether the per-chunk digests matched (`switchover`'s `verified`).
-    pub(crate) verified: bool,
-    /// Virtual size migrated.
-    pub(crate) bytes_total: u64,
-    /// Bytes sent over QUIC, after compression.
-    pub(crate) bytes_wire: u64,
-    /// Bytes sent again because the guest dirtied them.
-    pub(crate) bytes_resent: u64,
-    /// Passes over the dirty bitmap.
-    pub(crate) passes: u64,
-    /// The guest from its first write to the `migrate` command.
-    pub(crate) before: Window,
-    /// The guest from the `migrate` command to convergence.
-    pub(crate) during: Window,
+    /// `qemu-img compare` found the target equal to the source (Tern: and its per-chunk
+    /// digests matched).
+    pub(crate) equal: bool,
+    /// Bytes the link carried, both directions, headers included.
+    pub(crate) link_bytes: u64,
+    /// Bytes of the disk processed more than once (Tern: `bytes-resent`; QEMU: the job's
+    /// final `offset` beyond the disk size).
+    pub(crate) bytes_again: u64,
+    /// The source daemon's CPU time and peak memory.
+    pub(crate) source: Usage,
+    /// The target daemon's CPU time and peak memory.
+    pub(crate) target: Usage,
+    /// The migration's course, sampled every [`COURSE_INTERVAL`].
+    pub(crate) course: Vec<CoursePoint>,
+    /// The guest from its first write to the start of the migration (no guest: `None`).
+    pub(crate) before: Option<Window>,
+    /// The guest from the start of the migration to convergence.
+    pub(crate) during: Option<Window>,
     /// `during.mib_s` / intended rate (paced guests only).
     pub(crate) during_vs_intended: Option<f64>,
-    /// `during.mib_s` / `before.mib_s`.
-    pub(crate) during_vs_before: Option<f64>,
-    /// Bytes fio wrote in the whole run (its JSON), a cross-check of the log.
-    pub(crate) fio_bytes_written: u64,
-    /// The guest's write rate in each second from its first write to its stop, MiB/s
-    /// (second 0 starts at the first write).
+    /// The guest's write latency during the migration, µs: the quantiles 0, 1/200, …, 1.
+    pub(crate) during_latency_us: Vec<f64>,
+    /// The guest's write rate in each second from its first write to its stop, MiB/s.
     pub(crate) timeline_mib_s: Vec<f64>,
-    /// When the `migrate` command was sent, seconds after the guest's first write.
-    pub(crate) migrate_at_s: f64,
+    /// When the migration started, seconds after the guest's first write.
+    pub(crate) migrate_at_s: Option<f64>,
+    /// Bytes fio wrote in the whole run (its JSON), a cross-check of the log.
+    pub(crate) fio_bytes_written: Option<u64>,
+    /// What only Tern reports.
+    pub(crate) tern: Option<TernDetails>,
+}
+
+/// What only Tern's runs report.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct TernDetails {
+    /// Bytes sent over QUIC, after compression (payload only).
+    pub(crate) bytes_wire: u64,
+    /// Passes over the dirty bitmap.
+    pub(crate) passes: u64,
     /// The engine's `mode-changed` events (auto mode throttling the guest).
-    mode_changes: Vec<ModeChange>,
+    pub(crate) mode_changes: Vec<ModeChange>,
     /// How long holding the NBD clients took at switchover (`switched-over` event), ms.
     pub(crate) quiesce_ms: Option<f64>,
-    /// `qemu-img compare` found the target equal to the source.
-    pub(crate) target_equal: bool,
 }
 
 /// A `mode-changed` event: auto mode limited the guest's writes.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-struct ModeChange {
+pub(crate) struct ModeChange {
     /// Seconds after the `migrate` command.
-    at_s: f64,
+    pub(crate) at_s: f64,
     /// The new write limit, MiB/s.
-    throttle_mib_s: f64,
+    pub(crate) throttle_mib_s: f64,
     /// The transfer rate the engine measured, MiB/s.
-    transfer_mib_s: f64,
+    pub(crate) transfer_mib_s: f64,
     /// The rate at which the guest dirtied data, MiB/s.
-    dirty_mib_s: f64,
+    pub(crate) dirty_mib_s: f64,
     /// The engine's reason.
-    reason: String,
+    pub(crate) reason: String,
 }
 
-/// One summarised quantity of all repetitions.
-#[derive(Clone, Debug, Serialize)]
-struct Metric {
-    /// What it is, with its unit.
-    name: &'static str,
-    /// Median, min and max (`None` if no run had it).
-    summary: Option<Summary>,
-    /// Decimals shown in the report.
-    #[serde(skip)]
-    digits: usize,
-}
-
-/// Runs the scenario `reps` times and writes the report and the JSON.
-pub(crate) fn run(args: &NbdArgs) -> anyhow::Result<()> {
-    let tern = args.tern.clone().unwrap_or_else(default_tern);
-    fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
-    fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
-    let dir = args.dir.canonicalize()?;
-    let fio_version = run_timed(
-        "fio --version",
-        Command::new("fio").arg("--version"),
-        Duration::from_secs(10),
-    )?
-    .check("fio --version (install fio)")?
-    .stdout
-    .trim()
-    .to_owned();
-    let source_id = keygen(&tern, &dir.join("nbd-src-id"))?;
-    let target_id = keygen(&tern, &dir.join("nbd-dst-id"))?;
-    let bench = Bench {
-        tern: tern.clone(),
-        dir: dir.clone(),
-        args,
-        source_id,
-        target_id,
+/// fio's arguments for the guest (without the program name); the case has a writer.
+fn fio_args(case: &Case, dir: &Path, size_bytes: u64) -> Vec<String> {
+    let queue_depth = match case.writer {
+        Writer::Paced { queue_depth, .. } | Writer::Unpaced { queue_depth } => queue_depth,
+        Writer::None => 1,
     };
-    let mut runs = Vec::new();
-    let mut peer_runs = Vec::new();
-    let mut size_bytes = 0;
-    for rep in 1..=args.reps {
-        eprintln!(
-            "tern-bench: nbd {}: repetition {rep}/{}",
-            args.case_name(),
-            args.reps
-        );
-        let (record, size) = bench.run_one(rep)?;
-        size_bytes = size;
-        eprintln!(
-            "tern-bench:   total {:.2} s, converged after {:.2} s, downtime {:.1} ms, guest {:.1} → {:.1} MiB/s, p99 {} → {} µs, re-sent {:.0} MiB, verified {}",
-            record.total_s,
-            record.converge_s,
-            record.downtime_ms,
-            record.before.mib_s,
-            record.during.mib_s,
-            opt(record.before.p99_us, 0),
-            opt(record.during.p99_us, 0),
-            mib(record.bytes_resent),
-            record.verified
-        );
-        runs.push(record);
-        if args.peer.is_some() {
-            for mode in qemu::MODES {
-                eprintln!(
-                    "tern-bench: nbd {}: QEMU mirror ({mode}), repetition {rep}/{}",
-                    args.case_name(),
-                    args.reps
-                );
-                let record = qemu::run_one(&bench, rep, mode)?;
-                eprintln!(
-                    "tern-bench:   total {:.2} s, ready after {:.2} s, downtime {:.1} ms, guest {:.1} → {:.1} MiB/s, p99 {} → {} µs, identical {}",
-                    record.total_s,
-                    record.converge_s,
-                    record.downtime_ms,
-                    record.before.mib_s,
-                    record.during.mib_s,
-                    opt(record.before.p99_us, 0),
-                    opt(record.during.p99_us, 0),
-                    record.target_equal
-                );
-                peer_runs.push(record);
-            }
-        }
-    }
-    let config = NbdConfig {
-        size_bytes,
-        reps: args.reps,
-        mix: MIX.to_owned(),
-        rate_mib_s: args.intended(),
-        queue_depth: args.queue_depth,
-        mode: args.mode.clone(),
-        max_downtime_ms: args.max_downtime_ms,
-        cache: args.cache.clone(),
-        fio_cmd: fio_command_line(args, Path::new("DIR"), size_bytes),
-        fio_version,
-        tern: tern.display().to_string(),
-    };
-    let metrics = summarize_runs(&runs);
-    let report = render(&config, &runs, &metrics);
-    let stem = format!("nbd-{}", args.case_name());
-    let json_path = args.out.join(format!("{stem}.json"));
-    let report_path = args.out.join(format!("{stem}.md"));
-    let json = serde_json::json!({
-        "scenario": "nbd",
-        "config": config,
-        "runs": runs,
-        "summary": metrics,
-    });
-    fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
-        .with_context(|| format!("write {}", json_path.display()))?;
-    fs::write(&report_path, &report).with_context(|| format!("write {}", report_path.display()))?;
-    print!("{report}");
-    eprintln!(
-        "tern-bench: wrote {} and {}",
-        report_path.display(),
-        json_path.display()
-    );
-    if args.peer.is_some() {
-        qemu::report(args, &config, &runs, &peer_runs)?;
-    }
-    Ok(())
-}
-
-/// fio's arguments for the guest (without the program name).
-fn fio_args(args: &NbdArgs, dir: &Path, size_bytes: u64) -> Vec<String> {
     let mut fio = vec![
         "--name=guest".to_owned(),
         "--ioengine=nbd".to_owned(),
@@ -369,16 +446,16 @@ fn fio_args(args: &NbdArgs, dir: &Path, size_bytes: u64) -> Vec<String> {
         ),
         "--rw=randwrite".to_owned(),
         "--bsrange=4k-64k".to_owned(),
-        format!("--iodepth={}", args.queue_depth),
+        format!("--iodepth={queue_depth}"),
     ];
-    if let Some(rate) = args.intended() {
+    if let Some(rate) = case.intended() {
         // In KiB/s, so that a fractional MiB/s rate is exact enough.
         fio.push(format!("--rate={}k", (rate * 1024.0).round() as u64));
     }
     fio.extend([
         format!("--size={size_bytes}"),
         "--time_based".to_owned(),
-        "--runtime=3600".to_owned(),
+        "--runtime=36000".to_owned(),
         format!("--write_lat_log={}", dir.join(LAT_PREFIX).display()),
         "--log_avg_msec=0".to_owned(),
         "--per_job_logs=0".to_owned(),
@@ -391,9 +468,9 @@ fn fio_args(args: &NbdArgs, dir: &Path, size_bytes: u64) -> Vec<String> {
 }
 
 /// The guest's command line as one string, for the report.
-fn fio_command_line(args: &NbdArgs, dir: &Path, size_bytes: u64) -> String {
+fn fio_command_line(case: &Case, dir: &Path, size_bytes: u64) -> String {
     let mut line = "fio".to_owned();
-    for arg in fio_args(args, dir, size_bytes) {
+    for arg in fio_args(case, dir, size_bytes) {
         line.push(' ');
         line.push_str(&arg);
     }
@@ -414,24 +491,42 @@ pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
-/// Shared state of the repetitions.
+/// One case being run.
 pub(crate) struct Bench<'a> {
-    /// The `tern` binary.
-    tern: PathBuf,
-    /// Scratch directory (absolute).
-    pub(crate) dir: PathBuf,
-    /// The options.
-    pub(crate) args: &'a NbdArgs,
-    /// The source daemon's identity.
-    source_id: Identity,
-    /// The target's identity.
-    target_id: Identity,
+    /// The shared set-up.
+    pub(crate) env: &'a Env,
+    /// The case.
+    pub(crate) case: &'a Case,
+    /// Its link, set up.
+    pub(crate) link: &'a Link,
+    /// Keep fio's logs of every run.
+    keep_logs: bool,
+}
+
+/// The guest of one run, while it writes.
+pub(crate) struct RunningGuest {
+    /// fio.
+    fio: Guard,
+    /// Its stderr.
+    pub(crate) log: LineWatcher,
+}
+
+impl RunningGuest {
+    /// Stops the guest (SIGINT: fio writes its logs and JSON) after it wrote
+    /// [`AFTER_CONVERGED`] more, as a VMM pauses a VM.
+    pub(crate) fn pause(mut self) -> anyhow::Result<()> {
+        thread::sleep(AFTER_CONVERGED);
+        if self.fio.interrupt(FIO_EXIT_TIMEOUT)?.is_none() {
+            bail!("fio did not exit within {FIO_EXIT_TIMEOUT:?} of SIGINT");
+        }
+        Ok(())
+    }
 }
 
 impl Bench<'_> {
     /// A `tern` command with plain-text logs.
     fn tern(&self) -> Command {
-        let mut cmd = Command::new(&self.tern);
+        let mut cmd = Command::new(&self.env.tern);
         cmd.env("NO_COLOR", "1").args(["--log-format", "text"]);
         cmd
     }
@@ -448,23 +543,29 @@ impl Bench<'_> {
         Ok(done.stdout)
     }
 
-    /// Removes the scratch files of one repetition.
+    /// The scratch directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.env.dir
+    }
+
+    /// Removes the scratch files of one run.
     pub(crate) fn clean(&self) -> anyhow::Result<()> {
+        let dir = self.dir();
         for name in [
             "src.img", "src.nbd", "dst.nbd", "ctl.sock", "fio.json", "src.qmp", "dst.qmp",
         ] {
-            remove_target(&self.dir.join(name))?;
+            remove_target(&dir.join(name))?;
         }
         for suffix in ["lat", "clat", "slat"] {
-            remove_target(&self.dir.join(format!("{LAT_PREFIX}_{suffix}.log")))?;
+            remove_target(&dir.join(format!("{LAT_PREFIX}_{suffix}.log")))?;
         }
-        remove_target(&self.dir.join("dst.img"))
+        remove_target(&dir.join("dst.img"))
     }
 
-    /// One repetition; returns its record and the image size.
-    fn run_one(&self, rep: u32) -> anyhow::Result<(RunRecord, u64)> {
-        let args = self.args;
-        let dir = &self.dir;
+    /// One Tern run on the image of repetition `rep`; returns it and the image size.
+    fn run_tern(&self, rep: u32) -> anyhow::Result<(Run, u64)> {
+        let case = self.case;
+        let dir = self.dir();
         self.clean()?;
         let source = dir.join("src.img");
         let target = dir.join("dst.img");
@@ -473,20 +574,20 @@ impl Bench<'_> {
         let caches_dropped = process::drop_caches();
 
         // Target first: it must listen before the source connects.
-        let port = process::free_udp_port()?;
-        let listen = format!("127.0.0.1:{port}");
-        let mut serve = Guard::spawn(
-            "tern serve",
-            self.tern()
-                .args(["serve", "--listen", &listen, "--image"])
-                .arg(format!("{DISK}={}", target.display()))
-                .arg("--identity")
-                .arg(&self.target_id.dir)
-                .args(["--peer", &self.source_id.fingerprint])
-                .arg("--export-nbd")
-                .arg(format!("unix:{}", dir.join("dst.nbd").display())),
-            Stdio::piped(),
-        )?;
+        let listen = std::net::SocketAddr::new(self.link.target_ip(), process::free_udp_port()?);
+        let mut serve_cmd = self.link.on_target(&self.env.tern);
+        serve_cmd
+            .env("NO_COLOR", "1")
+            .args(["--log-format", "text", "serve", "--listen"])
+            .arg(listen.to_string())
+            .arg("--image")
+            .arg(format!("{DISK}={}", target.display()))
+            .arg("--identity")
+            .arg(&self.env.target_id.dir)
+            .args(["--peer", &self.env.source_id.fingerprint])
+            .arg("--export-nbd")
+            .arg(format!("unix:{}", dir.join("dst.nbd").display()));
+        let mut serve = Guard::spawn("tern serve", &mut serve_cmd, Stdio::piped())?;
         let mut serve_log = LineWatcher::new(
             serve
                 .child_mut()
@@ -497,6 +598,7 @@ impl Bench<'_> {
         serve_log
             .wait_for(SERVE_READY, READY_TIMEOUT)
             .context("tern serve did not get ready")?;
+        let route = self.link.route_udp(listen)?;
         let mut export = Guard::spawn(
             "tern export",
             self.tern()
@@ -507,8 +609,10 @@ impl Bench<'_> {
                 .arg("--control")
                 .arg(&control)
                 .arg("--identity")
-                .arg(&self.source_id.dir)
-                .args(["--cache", &args.cache]),
+                .arg(&self.env.source_id.dir)
+                .args(["--cache", &case.cache])
+                .arg("--progress-interval-ms")
+                .arg(COURSE_INTERVAL.as_millis().to_string()),
             Stdio::piped(),
         )?;
         let mut export_log = LineWatcher::new(
@@ -536,7 +640,8 @@ impl Bench<'_> {
         );
         let events_out = process::drain(events.child_mut().stdout.take());
 
-        let (mut fio, mut fio_log) = self.start_guest(size_bytes)?;
+        let mut guest = self.start_guest(size_bytes)?;
+        let link_before = self.link.bytes()?;
 
         // The migration, step by step, as an operator would drive it.
         let steps = (|| -> anyhow::Result<(f64, f64, f64, serde_json::Value)> {
@@ -546,10 +651,10 @@ impl Bench<'_> {
                 &control,
                 &[
                     "migrate",
-                    &format!("target={listen}"),
-                    &format!("peer={}", self.target_id.fingerprint),
-                    &format!("mode={}", args.mode),
-                    &format!("max-downtime-ms={}", args.max_downtime_ms),
+                    &format!("target={}", route.addr),
+                    &format!("peer={}", self.env.target_id.fingerprint),
+                    &format!("mode={}", case.mode),
+                    &format!("max-downtime-ms={}", case.max_downtime_ms),
                 ],
                 CTL_TIMEOUT,
             )?;
@@ -565,10 +670,8 @@ impl Bench<'_> {
             )?;
             let t1_ms = now_unix_ms();
             let converge_s = t0.elapsed().as_secs_f64();
-            // The guest keeps writing, then stops (a VMM pauses the VM); fio writes its logs.
-            thread::sleep(AFTER_CONVERGED);
-            if fio.interrupt(FIO_EXIT_TIMEOUT)?.is_none() {
-                bail!("fio did not exit within {FIO_EXIT_TIMEOUT:?} of SIGINT");
+            if let Some(guest) = guest.take() {
+                guest.pause()?;
             }
             let switchover = self.ctl(&control, &["switchover", "commit=true"], CTL_TIMEOUT)?;
             let switchover: serde_json::Value = serde_json::from_str(&switchover)
@@ -580,39 +683,39 @@ impl Bench<'_> {
             Err(e) => {
                 serve_log.collect();
                 export_log.collect();
-                fio_log.collect();
+                let fio_tail = guest
+                    .as_mut()
+                    .map(|g| {
+                        g.log.collect();
+                        g.log.tail()
+                    })
+                    .unwrap_or_default();
                 return Err(e.context(format!(
-                    "repetition {rep} failed\n--- tern export (last lines):\n{}\n--- tern serve (last lines):\n{}\n--- fio:\n{}",
+                    "Tern, repetition {rep} failed\n--- tern export (last lines):\n{}\n--- tern serve (last lines):\n{}\n--- fio:\n{fio_tail}",
                     export_log.tail(),
                     serve_log.tail(),
-                    fio_log.tail()
                 )));
             }
         };
+        let link_bytes = self.link.bytes()?.saturating_sub(link_before);
+        let source_usage = export.usage()?;
+        let target_usage = serve.usage()?;
 
         // Daemons down (the target flushes), then the independent check.
         export.stop(DAEMON_EXIT_TIMEOUT)?;
         serve.stop(DAEMON_EXIT_TIMEOUT)?;
+        drop(route);
         // The daemon closed the control connection: `tern ctl events` ends by itself.
         events.stop(DAEMON_EXIT_TIMEOUT)?;
-        let (mode_changes, quiesce_ms) =
-            parse_events(&events_out.join().unwrap_or_default(), t0_ms);
+        let parsed = parse_events(&events_out.join().unwrap_or_default(), t0_ms);
         let target_equal = process::images_equal(&source, &target)?;
         if !target_equal {
             bail!(
-                "repetition {rep}: qemu-img compare says {} differs from {} (kept for inspection)",
+                "Tern, repetition {rep}: qemu-img compare says {} differs from {} (kept for inspection)",
                 target.display(),
                 source.display()
             );
         }
-
-        let Guest {
-            before,
-            during,
-            timeline_mib_s,
-            migrate_at_s,
-            fio_bytes_written,
-        } = self.guest(t0_ms, t1_ms)?;
         let number = |key: &str| {
             switchover[key]
                 .as_f64()
@@ -623,43 +726,50 @@ impl Bench<'_> {
                 .as_u64()
                 .with_context(|| format!("switchover reply has no count {key:?}: {switchover}"))
         };
-        let record = RunRecord {
+        let verified = switchover["verified"] == true;
+        let mut run = Run {
+            system: System::Tern,
             rep,
             caches_dropped,
             total_s: number("total-time-s")?,
             converge_s,
             downtime_ms: number("downtime-ms")?,
-            verified: switchover["verified"] == true,
-            bytes_total: count("bytes-total")?,
-            bytes_wire: count("bytes-wire")?,
-            bytes_resent: count("bytes-resent")?,
-            passes: count("passes")?,
-            during_vs_intended: args.intended().map(|rate| during.mib_s / rate),
-            during_vs_before: (before.mib_s > 0.0).then(|| during.mib_s / before.mib_s),
-            before,
-            during,
-            fio_bytes_written,
-            timeline_mib_s,
-            migrate_at_s,
-            mode_changes,
-            quiesce_ms,
-            target_equal,
+            equal: verified && target_equal,
+            link_bytes,
+            bytes_again: count("bytes-resent")?,
+            source: source_usage,
+            target: target_usage,
+            course: parsed.course,
+            before: None,
+            during: None,
+            during_vs_intended: None,
+            during_latency_us: Vec::new(),
+            timeline_mib_s: Vec::new(),
+            migrate_at_s: None,
+            fio_bytes_written: None,
+            tern: Some(TernDetails {
+                bytes_wire: count("bytes-wire")?,
+                passes: count("passes")?,
+                mode_changes: parsed.mode_changes,
+                quiesce_ms: parsed.quiesce_ms,
+            }),
         };
-        self.keep_logs(&format!("rep-{rep}"))?;
+        self.add_guest(&mut run, t0_ms, t1_ms)?;
+        self.keep_logs(&format!("tern-rep-{rep}"))?;
         self.clean()?;
-        Ok((record, size_bytes))
+        Ok((run, size_bytes))
     }
 
     /// `tern gen-image` of the source image for repetition `rep` (its seed); returns its size.
     pub(crate) fn gen_image(&self, rep: u32) -> anyhow::Result<u64> {
-        let source = self.dir.join("src.img");
+        let source = self.dir().join("src.img");
         run_timed(
             "tern gen-image",
             self.tern()
                 .arg("gen-image")
                 .arg("--out")
                 .arg(&source)
-                .args(["--size", &self.args.size, "--mix", MIX, "--seed"])
+                .args(["--size", &self.case.size, "--mix", &self.case.mix, "--seed"])
                 .arg(rep.to_string())
                 .arg("--sync"),
             LONG_TIMEOUT,
@@ -668,31 +778,38 @@ impl Bench<'_> {
         Ok(fs::metadata(&source)?.len())
     }
 
-    /// Starts fio writing through `src.nbd` and lets it write for the baseline window; fails
-    /// if it stops meanwhile.
-    pub(crate) fn start_guest(&self, size_bytes: u64) -> anyhow::Result<(Guard, LineWatcher)> {
+    /// Starts fio writing through `src.nbd` (if the case has a guest) and lets it write for
+    /// the baseline window; fails if it stops meanwhile.
+    pub(crate) fn start_guest(&self, size_bytes: u64) -> anyhow::Result<Option<RunningGuest>> {
+        if self.case.writer == Writer::None {
+            return Ok(None);
+        }
         let mut fio = Guard::spawn(
             "fio",
-            Command::new("fio").args(fio_args(self.args, &self.dir, size_bytes)),
+            Command::new("fio").args(fio_args(self.case, self.dir(), size_bytes)),
             Stdio::piped(),
         )?;
-        let mut fio_log = LineWatcher::new(fio.child_mut().stderr.take().context("fio stderr")?);
+        let mut log = LineWatcher::new(fio.child_mut().stderr.take().context("fio stderr")?);
         thread::sleep(BASELINE);
         if let Some(status) = fio.wait_timeout(Duration::ZERO)? {
-            fio_log.collect();
+            log.collect();
             bail!(
                 "fio exited with {status} before the migration: {}",
-                fio_log.tail()
+                log.tail()
             );
         }
-        Ok((fio, fio_log))
+        Ok(Some(RunningGuest { fio, log }))
     }
 
-    /// What the stopped guest did, from fio's JSON and latency log: the window before
-    /// `t0_ms` and the window `t0_ms` → `t1_ms` (Unix ms).
-    pub(crate) fn guest(&self, t0_ms: f64, t1_ms: f64) -> anyhow::Result<Guest> {
-        let fio_bytes_written = fio_written(&self.dir.join("fio.json"))?;
-        let log_path = self.dir.join(LAT_LOG);
+    /// Fills in what the stopped guest did, from fio's JSON and latency log: the window
+    /// before `t0_ms` and the window `t0_ms` → `t1_ms` (Unix ms). Nothing without a guest.
+    pub(crate) fn add_guest(&self, run: &mut Run, t0_ms: f64, t1_ms: f64) -> anyhow::Result<()> {
+        if self.case.writer == Writer::None {
+            return Ok(());
+        }
+        let dir = self.dir();
+        let fio_bytes_written = fio_written(&dir.join("fio.json"))?;
+        let log_path = dir.join(LAT_LOG);
         let log = fs::read_to_string(&log_path)
             .with_context(|| format!("read fio's latency log {}", log_path.display()))?;
         let samples = parse_lat_log(&log)?;
@@ -703,41 +820,31 @@ impl Bench<'_> {
         if !start_ms.is_finite() || start_ms >= t0_ms {
             bail!("fio logged no write before the migration started");
         }
-        Ok(Guest {
-            before: window(&samples, start_ms, t0_ms, false),
-            during: window(&samples, t0_ms, t1_ms, true),
-            timeline_mib_s: timeline(&samples, start_ms),
-            migrate_at_s: (t0_ms - start_ms) / 1e3,
-            fio_bytes_written,
-        })
+        let (during, latencies) = window(&samples, t0_ms, t1_ms, true);
+        run.during_vs_intended = self.case.intended().map(|rate| during.mib_s / rate);
+        run.before = Some(window(&samples, start_ms, t0_ms, false).0);
+        run.during = Some(during);
+        run.during_latency_us = quantiles(&latencies, LATENCY_QUANTILES);
+        run.timeline_mib_s = timeline(&samples, start_ms);
+        run.migrate_at_s = Some((t0_ms - start_ms) / 1e3);
+        run.fio_bytes_written = Some(fio_bytes_written);
+        Ok(())
     }
 
     /// With `--keep-logs`, keeps fio's latency log and JSON as `PREFIX-lat_lat.log` and
     /// `PREFIX-fio.json`.
     pub(crate) fn keep_logs(&self, prefix: &str) -> anyhow::Result<()> {
-        if self.args.keep_logs {
+        if self.keep_logs && self.case.writer != Writer::None {
             for name in [LAT_LOG, "fio.json"] {
-                let kept = self.dir.join(format!("{prefix}-{name}"));
-                fs::rename(self.dir.join(name), &kept)
+                let kept = self
+                    .dir()
+                    .join(format!("{}-{prefix}-{name}", self.case.name));
+                fs::rename(self.dir().join(name), &kept)
                     .with_context(|| format!("keep {}", kept.display()))?;
             }
         }
         Ok(())
     }
-}
-
-/// What the guest did in one run.
-pub(crate) struct Guest {
-    /// From its first write to the migration's start.
-    pub(crate) before: Window,
-    /// From the migration's start to convergence.
-    pub(crate) during: Window,
-    /// Its write rate in each second from its first write, MiB/s.
-    pub(crate) timeline_mib_s: Vec<f64>,
-    /// When the migration started, seconds after its first write.
-    pub(crate) migrate_at_s: f64,
-    /// Bytes fio reports written.
-    pub(crate) fio_bytes_written: u64,
 }
 
 /// Bytes fio reports written, from its JSON output; fails if the job reports an error.
@@ -790,35 +897,55 @@ fn parse_lat_log(text: &str) -> anyhow::Result<Vec<Sample>> {
     Ok(samples)
 }
 
-/// The `mode-changed` events (times relative to `t0_ms`, Unix ms) and the switchover's
-/// quiesce time, from the JSON lines of `tern ctl events`.
-fn parse_events(text: &str, t0_ms: f64) -> (Vec<ModeChange>, Option<f64>) {
-    let mut changes = Vec::new();
-    let mut quiesce_ms = None;
+/// What `tern ctl events` told about one migration.
+#[derive(Debug, Default, PartialEq)]
+struct Events {
+    /// The `mode-changed` events.
+    mode_changes: Vec<ModeChange>,
+    /// The switchover's quiesce time, ms.
+    quiesce_ms: Option<f64>,
+    /// The `progress` events as the migration's course.
+    course: Vec<CoursePoint>,
+}
+
+/// Parses the JSON lines of `tern ctl events`; times relative to `t0_ms` (Unix ms).
+fn parse_events(text: &str, t0_ms: f64) -> Events {
+    let mut parsed = Events::default();
     for event in text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
     {
         let data = &event["data"];
+        let stamp = &event["timestamp"];
+        let at_s = (stamp["seconds"].as_f64().unwrap_or(f64::NAN) * 1e3
+            + stamp["microseconds"].as_f64().unwrap_or(0.0) / 1e3
+            - t0_ms)
+            / 1e3;
         match event["event"].as_str() {
             Some("mode-changed") => {
-                let stamp = &event["timestamp"];
-                let at_ms = stamp["seconds"].as_f64().unwrap_or(f64::NAN) * 1e3
-                    + stamp["microseconds"].as_f64().unwrap_or(0.0) / 1e3;
                 let rate = |key: &str| data[key].as_f64().unwrap_or(f64::NAN) / (1u64 << 20) as f64;
-                changes.push(ModeChange {
-                    at_s: (at_ms - t0_ms) / 1e3,
+                parsed.mode_changes.push(ModeChange {
+                    at_s,
                     throttle_mib_s: rate("throttle-bytes-per-second"),
                     transfer_mib_s: rate("transfer-rate"),
                     dirty_mib_s: rate("dirty-rate"),
                     reason: data["reason"].as_str().unwrap_or_default().to_owned(),
                 });
             }
-            Some("switched-over") => quiesce_ms = data["quiesce-ms"].as_f64(),
+            Some("progress") => {
+                let count = |key: &str| data[key].as_u64().unwrap_or(0);
+                parsed.course.push(CoursePoint {
+                    t_s: at_s,
+                    remaining_bytes: count("bytes-total").saturating_sub(count("bytes-done"))
+                        + count("dirty-bytes"),
+                    done_bytes: count("bytes-done"),
+                });
+            }
+            Some("switched-over") => parsed.quiesce_ms = data["quiesce-ms"].as_f64(),
             _ => {}
         }
     }
-    (changes, quiesce_ms)
+    parsed
 }
 
 /// The guest's write rate in each whole or partial second from `start_ms` on, MiB/s.
@@ -834,8 +961,9 @@ fn timeline(samples: &[Sample], start_ms: f64) -> Vec<f64> {
     bytes.into_iter().map(mib).collect()
 }
 
-/// The writes completed in `[from_ms, to_ms)` (`[from_ms, to_ms]` when `inclusive`).
-fn window(samples: &[Sample], from_ms: f64, to_ms: f64, inclusive: bool) -> Window {
+/// The writes completed in `[from_ms, to_ms)` (`[from_ms, to_ms]` when `inclusive`), and
+/// their latencies in µs, sorted.
+fn window(samples: &[Sample], from_ms: f64, to_ms: f64, inclusive: bool) -> (Window, Vec<f64>) {
     let inside = |s: &&Sample| {
         s.time_ms >= from_ms && (s.time_ms < to_ms || inclusive && s.time_ms <= to_ms)
     };
@@ -847,7 +975,7 @@ fn window(samples: &[Sample], from_ms: f64, to_ms: f64, inclusive: bool) -> Wind
     }
     latencies_us.sort_by(f64::total_cmp);
     let seconds = (to_ms - from_ms) / 1e3;
-    Window {
+    let window = Window {
         seconds,
         writes: latencies_us.len(),
         mib_s: if seconds > 0.0 {
@@ -857,167 +985,13 @@ fn window(samples: &[Sample], from_ms: f64, to_ms: f64, inclusive: bool) -> Wind
         },
         p50_us: percentile(&latencies_us, 0.50),
         p99_us: percentile(&latencies_us, 0.99),
-    }
-}
-
-/// Median, min and max of every reported quantity.
-fn summarize_runs(runs: &[RunRecord]) -> Vec<Metric> {
-    let metric = |name: &'static str, digits: usize, value: &dyn Fn(&RunRecord) -> Option<f64>| {
-        let values: Vec<f64> = runs.iter().filter_map(value).collect();
-        Metric {
-            name,
-            summary: summarize(&values),
-            digits,
-        }
     };
-    vec![
-        metric("total time, migrate → commit (s)", 2, &|r| {
-            Some(r.total_s)
-        }),
-        metric("time to converge (s)", 2, &|r| Some(r.converge_s)),
-        metric("storage downtime (ms)", 1, &|r| Some(r.downtime_ms)),
-        metric("guest MiB/s before", 1, &|r| Some(r.before.mib_s)),
-        metric("guest MiB/s during", 1, &|r| Some(r.during.mib_s)),
-        metric("during / intended rate", 2, &|r| r.during_vs_intended),
-        metric("during / before rate", 2, &|r| r.during_vs_before),
-        metric("write p50 before (µs)", 0, &|r| r.before.p50_us),
-        metric("write p50 during (µs)", 0, &|r| r.during.p50_us),
-        metric("write p99 before (µs)", 0, &|r| r.before.p99_us),
-        metric("write p99 during (µs)", 0, &|r| r.during.p99_us),
-        metric("on the wire (MiB)", 0, &|r| Some(mib(r.bytes_wire))),
-        metric("re-sent (MiB)", 0, &|r| Some(mib(r.bytes_resent))),
-        metric("passes", 0, &|r| Some(r.passes as f64)),
-        metric("mode changes", 0, &|r| Some(r.mode_changes.len() as f64)),
-        metric("NBD hold at switchover (ms)", 2, &|r| r.quiesce_ms),
-    ]
-}
-
-/// A report cell for the mode changes of one run: how many, and the last limit and when.
-fn mode_changes(changes: &[ModeChange]) -> String {
-    match changes.last() {
-        None => "0".to_owned(),
-        Some(last) => format!(
-            "{} (last: {:.0} MiB/s at {:.1} s)",
-            changes.len(),
-            last.throttle_mib_s,
-            last.at_s
-        ),
-    }
-}
-
-/// The Markdown report.
-fn render(config: &NbdConfig, runs: &[RunRecord], metrics: &[Metric]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let rate = match config.rate_mib_s {
-        Some(rate) => format!("{rate} MiB/s"),
-        None => "unpaced".to_owned(),
-    };
-    let dropped = runs.iter().filter(|r| r.caches_dropped).count();
-    let _ = writeln!(
-        out,
-        "# tern-bench nbd: live migration through the NBD export, fio guest {rate} QD{}\n",
-        config.queue_depth
-    );
-    let _ = writeln!(
-        out,
-        "Image: {:.0} MiB, mix `{}`, seed = repetition; {} repetition(s); mode `{}`, \
-         downtime budget {} ms; `tern export --cache {}`; page cache dropped before \
-         {dropped}/{} runs.  ",
-        mib(config.size_bytes),
-        config.mix,
-        config.reps,
-        config.mode,
-        config.max_downtime_ms,
-        config.cache,
-        runs.len()
-    );
-    let _ = writeln!(
-        out,
-        "Guest ({}): `{}`.  ",
-        config.fio_version, config.fio_cmd
-    );
-    let _ = writeln!(out, "tern: `{}`.\n", config.tern);
-
-    let _ = writeln!(
-        out,
-        "| rep | total s | converge s | downtime ms | MiB/s before → during | during / intended | p50 µs before → during | p99 µs before → during | wire MiB | re-sent MiB | passes | mode changes | verified | target = source |"
-    );
-    let _ = writeln!(
-        out,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"
-    );
-    for r in runs {
-        let _ = writeln!(
-            out,
-            "| {} | {:.2} | {:.2} | {:.1} | {:.1} → {:.1} | {} | {} → {} | {} → {} | {:.0} | {:.0} | {} | {} | {} | {} |",
-            r.rep,
-            r.total_s,
-            r.converge_s,
-            r.downtime_ms,
-            r.before.mib_s,
-            r.during.mib_s,
-            opt(r.during_vs_intended, 2),
-            opt(r.before.p50_us, 0),
-            opt(r.during.p50_us, 0),
-            opt(r.before.p99_us, 0),
-            opt(r.during.p99_us, 0),
-            mib(r.bytes_wire),
-            mib(r.bytes_resent),
-            r.passes,
-            mode_changes(&r.mode_changes),
-            if r.verified { "yes" } else { "**NO**" },
-            if r.target_equal { "yes" } else { "**NO**" },
-        );
-    }
-
-    let _ = writeln!(
-        out,
-        "\n| quantity | median | min | max |\n|---|---:|---:|---:|"
-    );
-    for m in metrics {
-        let value = |f: fn(&Summary) -> f64| opt(m.summary.as_ref().map(f), m.digits);
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} |",
-            m.name,
-            value(|s| s.median),
-            value(|s| s.min),
-            value(|s| s.max)
-        );
-    }
-    let all_verified = runs.iter().all(|r| r.verified);
-    let _ = writeln!(
-        out,
-        "| verified (digests) and target = source (`qemu-img compare`) | {} | | |",
-        if all_verified {
-            "all runs"
-        } else {
-            "**NOT all runs**"
-        }
-    );
-    let _ = writeln!(
-        out,
-        "\nSteps per repetition: `tern serve --export-nbd` and `tern export` started, fio writes \
-         through the source's NBD export for {} s (\"before\"), `tern ctl migrate` (t0), `tern \
-         ctl wait converged` returns (t1; \"during\" = t0 → t1), the guest writes {} s more and \
-         is stopped with SIGINT (a VMM pausing the VM), then `tern ctl switchover commit=true`. \
-         Total time is the daemon's `total-time-s` (migrate → commit, so it includes those {} \
-         s and stopping fio); downtime is the switchover's `downtime-ms` (hold of the NBD \
-         clients → verified handoff). Guest rates and latencies come from fio's per-IO log \
-         (`{LAT_LOG}`: total latency, submission to completion); a window's rate is the bytes \
-         of the writes completing in it over its length. fio's `--rate` catches up after a \
-         slow stretch, so a paced guest's average can hide stalls: compare the p99s.",
-        BASELINE.as_secs(),
-        AFTER_CONVERGED.as_secs(),
-        AFTER_CONVERGED.as_secs()
-    );
-    out
+    (window, latencies_us)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Sample, parse_events, parse_lat_log, timeline, window};
+    use super::{CoursePoint, Events, Sample, parse_events, parse_lat_log, timeline, window};
 
     #[test]
     fn latency_log_keeps_writes_and_reads_every_field() {
@@ -1049,18 +1023,27 @@ mod tests {
         let text = r#"{"event":"started","data":{"migration":"m1"},"timestamp":{"seconds":100,"microseconds":0}}
 {"event":"mode-changed","data":{"throttle-bytes-per-second":104857600,"reason":"stalled","dirty-bytes":1,"dirty-rate":524288000.0,"transfer-rate":419430400.0,"migration":"m1"},"timestamp":{"seconds":103,"microseconds":500000}}
 not json
+{"event":"progress","data":{"bytes-total":1000,"bytes-done":300,"dirty-bytes":50},"timestamp":{"seconds":105,"microseconds":0}}
 {"event":"switched-over","data":{"downtime-ms":1.5,"quiesce-ms":0.25,"verified":true},"timestamp":{"seconds":110,"microseconds":0}}
 "#;
-        let (changes, quiesce) = parse_events(text, 101_000.0);
-        assert_eq!(changes.len(), 1);
-        let change = &changes[0];
+        let parsed = parse_events(text, 101_000.0);
+        assert_eq!(parsed.mode_changes.len(), 1);
+        let change = &parsed.mode_changes[0];
         assert!((change.at_s - 2.5).abs() < 1e-9, "{change:?}");
         assert_eq!(change.throttle_mib_s, 100.0);
         assert_eq!(change.transfer_mib_s, 400.0);
         assert_eq!(change.dirty_mib_s, 500.0);
         assert_eq!(change.reason, "stalled");
-        assert_eq!(quiesce, Some(0.25));
-        assert_eq!(parse_events("", 0.0), (Vec::new(), None));
+        assert_eq!(parsed.quiesce_ms, Some(0.25));
+        assert_eq!(
+            parsed.course,
+            vec![CoursePoint {
+                t_s: 4.0,
+                remaining_bytes: 700 + 50,
+                done_bytes: 300
+            }]
+        );
+        assert_eq!(parse_events("", 0.0), Events::default());
     }
 
     #[test]
@@ -1086,17 +1069,18 @@ not json
                 bytes: 1 << 20,
             })
             .collect();
-        let before = window(&samples, 0.0, 1000.0, false);
+        let (before, _) = window(&samples, 0.0, 1000.0, false);
         assert_eq!(before.writes, 10);
         assert!((before.mib_s - 10.0).abs() < 1e-9, "{before:?}");
         assert_eq!(before.p50_us, Some(5000.0));
         assert_eq!(before.p99_us, Some(10000.0));
-        let during = window(&samples, 1000.0, 1900.0, true);
+        let (during, latencies) = window(&samples, 1000.0, 1900.0, true);
+        assert_eq!(latencies.len(), 10);
         assert_eq!(during.writes, 10);
         assert!((during.seconds - 0.9).abs() < 1e-9);
         assert_eq!(during.p50_us, Some(15000.0));
         assert_eq!(during.p99_us, Some(20000.0));
-        let empty = window(&samples, 5000.0, 6000.0, true);
+        let (empty, _) = window(&samples, 5000.0, 6000.0, true);
         assert_eq!(empty.writes, 0);
         assert_eq!(empty.mib_s, 0.0);
         assert_eq!(empty.p50_us, None);

@@ -149,6 +149,11 @@ impl Guard {
         &mut self.child
     }
 
+    /// The child's CPU time and peak memory so far (read before stopping it).
+    pub(crate) fn usage(&self) -> anyhow::Result<crate::measure::Usage> {
+        crate::measure::usage(self.child.id()).with_context(|| format!("usage of {}", self.name))
+    }
+
     /// Waits for the child to exit, at most `timeout`; `None` if it is still running.
     pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;

@@ -1,77 +1,46 @@
-//! The QEMU peer of the NBD scenario (`tern-bench nbd --peer qemu`): the same guest (fio over
-//! NBD, same pattern, rate and queue depth) writes through a source `qemu-storage-daemon`'s
-//! NBD export while `blockdev-mirror` (sync=full) copies the disk to a second
-//! `qemu-storage-daemon` exporting the target over NBD, driven by the harness over QMP.
+//! The QEMU peer of the live cases: the same guest (fio over NBD, same pattern, rate and
+//! queue depth) writes through a source `qemu-storage-daemon`'s NBD export while
+//! `blockdev-mirror` (sync=full) copies the disk to a second `qemu-storage-daemon` exporting
+//! the target over NBD (TCP, optionally TLS with x509 credentials on both ends), driven by
+//! the harness over QMP.
 //!
-//! Per run: both daemons started, fio writes for the baseline window ("before"),
-//! `blockdev-add` of an NBD client node for the target, `blockdev-mirror` (t0), event
-//! `BLOCK_JOB_READY` (t1; "during" = t0 → t1), the guest writes 2 s more and is stopped with
-//! SIGINT (a VMM pausing the VM), then `block-job-complete`; storage downtime is from that
-//! command to event `BLOCK_JOB_COMPLETED`, total time from `blockdev-mirror` to that event.
-//! Then both daemons stop and `qemu-img compare` checks the target. This is the method of
-//! `../shared/README.md` ("The QEMU peer"), with fio in place of `qemu-io`.
+//! Per run: both daemons started (the target on the target host of the case's link), fio
+//! writes for the baseline window ("before"), `blockdev-add` of an NBD client node for the
+//! target, `blockdev-mirror` (t0), event `BLOCK_JOB_READY` (t1; "during" = t0 → t1;
+//! `query-block-jobs` every 200 ms meanwhile gives the course), the guest writes 2 s more
+//! and is stopped with SIGINT (a VMM pausing the VM), then `block-job-complete`; storage
+//! downtime is from that command to event `BLOCK_JOB_COMPLETED`, total time from
+//! `blockdev-mirror` to that event. Then both daemons stop and `qemu-img compare` checks the
+//! target. This is the method of `../shared/README.md` ("The QEMU peer"), with fio in place
+//! of `qemu-io`.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::case::System;
+use crate::measure::CoursePoint;
 use crate::nbd::{
-    AFTER_CONVERGED, Bench, CONVERGE_TIMEOUT_S, DAEMON_EXIT_TIMEOUT, DISK, FIO_EXIT_TIMEOUT, Guest,
-    NbdArgs, NbdConfig, READY_TIMEOUT, RunRecord, Window, now_unix_ms,
+    Bench, CONVERGE_TIMEOUT_S, COURSE_INTERVAL, DAEMON_EXIT_TIMEOUT, DISK, READY_TIMEOUT, Run,
+    now_unix_ms,
 };
 use crate::process::{self, Guard, LineWatcher, run_timed};
-use crate::report::opt;
-use crate::stats::{Summary, summarize};
 
-/// The mirror's copy modes measured, in run order.
-pub(crate) const MODES: [&str; 2] = ["background", "write-blocking"];
 /// Bound on one QMP command's reply.
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The job's id.
 const JOB: &str = "m";
-
-/// One run of QEMU's mirror.
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct QemuRecord {
-    /// Repetition, from 1 (also the image's seed).
-    pub(crate) rep: u32,
-    /// `blockdev-mirror copy-mode`.
-    pub(crate) copy_mode: String,
-    /// Whether the page cache was dropped before the daemons started.
-    pub(crate) caches_dropped: bool,
-    /// From `blockdev-mirror` to `BLOCK_JOB_COMPLETED`; includes the 2 s the guest keeps
-    /// writing after `BLOCK_JOB_READY` and stopping it.
-    pub(crate) total_s: f64,
-    /// From `blockdev-mirror` to `BLOCK_JOB_READY`.
-    pub(crate) converge_s: f64,
-    /// From `block-job-complete` to `BLOCK_JOB_COMPLETED`, ms.
-    pub(crate) downtime_ms: f64,
-    /// The guest from its first write to `blockdev-mirror`.
-    pub(crate) before: Window,
-    /// The guest from `blockdev-mirror` to `BLOCK_JOB_READY`.
-    pub(crate) during: Window,
-    /// `during.mib_s` / intended rate (paced guests only).
-    pub(crate) during_vs_intended: Option<f64>,
-    /// `during.mib_s` / `before.mib_s`.
-    pub(crate) during_vs_before: Option<f64>,
-    /// Bytes fio wrote in the whole run (its JSON).
-    pub(crate) fio_bytes_written: u64,
-    /// The guest's write rate in each second from its first write to its stop, MiB/s.
-    pub(crate) timeline_mib_s: Vec<f64>,
-    /// When `blockdev-mirror` was sent, seconds after the guest's first write.
-    pub(crate) migrate_at_s: f64,
-    /// `qemu-img compare` found the target identical to the source.
-    pub(crate) target_equal: bool,
-}
+/// The name the target's TLS certificate is issued to (and the client checks).
+const TLS_HOSTNAME: &str = "localhost";
 
 /// A QMP connection: commands are answered in order; events are kept with their arrival
 /// time until asked for.
@@ -173,10 +142,20 @@ impl Qmp {
     /// `BLOCK_JOB_ERROR` or on a `BLOCK_JOB_COMPLETED`/`BLOCK_JOB_CANCELLED` that is not
     /// awaited. Returns the event and its arrival time.
     fn wait_event(&mut self, name: &str, timeout: Duration) -> anyhow::Result<(Value, Instant)> {
+        self.poll_event(name, timeout)?
+            .with_context(|| format!("no QMP event {name} within {timeout:?}"))
+    }
+
+    /// Like [`Qmp::wait_event`], but `None` when `timeout` passes without the event.
+    fn poll_event(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<(Value, Instant)>> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(at) = self.events.iter().position(|(e, _)| e["event"] == name) {
-                return Ok(self.events.remove(at));
+                return Ok(Some(self.events.remove(at)));
             }
             if let Some((bad, _)) = self.events.iter().find(|(e, _)| {
                 matches!(
@@ -187,20 +166,48 @@ impl Qmp {
                 bail!("waiting for {name}, got {bad}");
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let (value, at) = self
-                .next(left)
-                .with_context(|| format!("waiting for QMP event {name}"))?;
-            if value.get("event").is_some() {
-                self.events.push((value, at));
+            match self.lines.recv_timeout(left) {
+                Ok((value, at)) => {
+                    if value.get("event").is_some() {
+                        self.events.push((value, at));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("the QMP connection closed while waiting for {name}")
+                }
             }
         }
     }
 }
 
+/// Where a storage daemon's NBD server listens, and with which TLS credentials.
+struct NbdServer<'a> {
+    /// QEMU's `addr.*` options of `--nbd-server`.
+    addr: String,
+    /// A directory with `ca-cert.pem`, `server-cert.pem` and `server-key.pem`.
+    tls: Option<&'a Path>,
+}
+
 /// `qemu-storage-daemon` serving `image` as node `node` over NBD at `nbd`, with its monitor
-/// at `qmp`.
-fn storage_daemon(image: &Path, node: &str, direct: bool, nbd: &Path, qmp: &Path) -> Command {
-    let mut cmd = Command::new("qemu-storage-daemon");
+/// at `qmp`; `client_tls` adds x509 client credentials (`tls0`) for an NBD client node.
+fn storage_daemon(
+    mut cmd: Command,
+    image: &Path,
+    node: &str,
+    direct: bool,
+    nbd: &NbdServer<'_>,
+    client_tls: Option<&Path>,
+    qmp: &Path,
+) -> Command {
+    for (dir, endpoint) in [(nbd.tls, "server"), (client_tls, "client")] {
+        if let Some(dir) = dir {
+            cmd.arg("--object").arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
+                dir.display()
+            ));
+        }
+    }
     cmd.arg("--blockdev")
         .arg(format!(
             "driver=file,node-name={node}-file,filename={},cache.direct={}",
@@ -210,7 +217,15 @@ fn storage_daemon(image: &Path, node: &str, direct: bool, nbd: &Path, qmp: &Path
         .arg("--blockdev")
         .arg(format!("driver=raw,node-name={node},file={node}-file"))
         .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+        .arg(format!(
+            "{}{}",
+            nbd.addr,
+            if nbd.tls.is_some() {
+                ",tls-creds=tls0"
+            } else {
+                ""
+            }
+        ))
         .arg("--export")
         .arg(format!(
             "type=nbd,id=exp0,node-name={node},name={DISK},writable=on"
@@ -223,6 +238,76 @@ fn storage_daemon(image: &Path, node: &str, direct: bool, nbd: &Path, qmp: &Path
         .arg("--monitor")
         .arg("chardev=qmp");
     cmd
+}
+
+/// Makes a CA and, signed by it, a server and a client certificate for QEMU's NBD TLS
+/// (`DIR/server/` and `DIR/client/`, the file names QEMU's `tls-creds-x509` expects; EC
+/// P-256 keys; the server's issued to `localhost`). Returns `dir`.
+pub(crate) fn make_tls_credentials(dir: &Path) -> anyhow::Result<PathBuf> {
+    let server = dir.join("server");
+    let client = dir.join("client");
+    for d in [&server, &client] {
+        fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+    }
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        run_timed(
+            "openssl",
+            Command::new("openssl").current_dir(dir).args(args),
+            Duration::from_secs(30),
+        )?
+        .check(&format!("openssl {}", args.join(" ")))?;
+        Ok(())
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "30", "-subj", "/CN=tern-bench CA"];
+    ca.extend(key);
+    ca.extend(["-keyout", "ca-key.pem", "-out", "ca-cert.pem"]);
+    openssl(&ca)?;
+    for (name, usage, san) in [
+        ("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"),
+        ("client", "clientAuth", "DNS:tern-bench-client"),
+    ] {
+        let ext = format!("{name}.ext");
+        fs::write(
+            dir.join(&ext),
+            format!(
+                "subjectAltName={san}\nextendedKeyUsage={usage}\nkeyUsage=digitalSignature,keyEncipherment\n"
+            ),
+        )?;
+        let csr = format!("{name}.csr");
+        let key_file = format!("{name}/{name}-key.pem");
+        let cn = format!("/CN={}", if name == "server" { TLS_HOSTNAME } else { name });
+        let mut req = vec!["req", "-subj", &cn];
+        req.extend(key);
+        req.extend(["-keyout", &key_file, "-out", &csr]);
+        openssl(&req)?;
+        let cert = format!("{name}/{name}-cert.pem");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ])?;
+        fs::copy(dir.join("ca-cert.pem"), dir.join(name).join("ca-cert.pem"))?;
+    }
+    Ok(dir.to_owned())
 }
 
 /// A started `qemu-storage-daemon` and its QMP connection.
@@ -252,10 +337,24 @@ impl Daemon {
     }
 }
 
-/// One run of QEMU's mirror in `copy_mode` on the image of repetition `rep`.
-pub(crate) fn run_one(bench: &Bench<'_>, rep: u32, copy_mode: &str) -> anyhow::Result<QemuRecord> {
-    let args = bench.args;
-    let dir = &bench.dir;
+/// The job's progress: `(offset, len)`.
+fn job_progress(qmp: &mut Qmp) -> anyhow::Result<Option<(u64, u64)>> {
+    let (jobs, _) = qmp.execute("query-block-jobs", json!({}))?;
+    Ok(jobs
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["device"] == JOB))
+        .and_then(|job| Some((job["offset"].as_u64()?, job["len"].as_u64()?))))
+}
+
+/// One run of QEMU's mirror (`system`) on the image of repetition `rep`; returns it and the
+/// image size.
+pub(crate) fn run_one(bench: &Bench<'_>, rep: u32, system: System) -> anyhow::Result<(Run, u64)> {
+    let System::Qemu { tls, .. } = system else {
+        bail!("{system} is not a QEMU system");
+    };
+    let copy_mode = system.copy_mode().unwrap_or("background");
+    let case = bench.case;
+    let dir = bench.dir();
     bench.clean()?;
     let source = dir.join("src.img");
     let target = dir.join("dst.img");
@@ -264,43 +363,73 @@ pub(crate) fn run_one(bench: &Bench<'_>, rep: u32, copy_mode: &str) -> anyhow::R
         .and_then(|f| f.set_len(size_bytes))
         .with_context(|| format!("create {}", target.display()))?;
     let caches_dropped = process::drop_caches();
+    let tls_dir = match (tls, &bench.env.qemu_tls) {
+        (false, _) => None,
+        (true, Some(dir)) => Some(dir.as_path()),
+        (true, None) => bail!("{system}: no TLS credentials were made"),
+    };
 
-    let dst_nbd = dir.join("dst.nbd");
+    let dst_addr = SocketAddr::new(bench.link.target_ip(), process::free_tcp_port()?);
+    let server_tls = tls_dir.map(|d| d.join("server"));
+    let client_tls = tls_dir.map(|d| d.join("client"));
     let mut dst = Daemon::start(
         "qemu-storage-daemon (target)",
         storage_daemon(
+            bench.link.on_target(Path::new("qemu-storage-daemon")),
             &target,
             "dst",
-            args.qemu_target_cache == "none",
-            &dst_nbd,
+            case.qemu_target_cache == "none",
+            &NbdServer {
+                addr: format!(
+                    "addr.type=inet,addr.host={},addr.port={}",
+                    dst_addr.ip(),
+                    dst_addr.port()
+                ),
+                tls: server_tls.as_deref(),
+            },
+            None,
             &dir.join("dst.qmp"),
         ),
         &dir.join("dst.qmp"),
     )?;
+    // The source's export is for the guest on this host: a Unix socket, as Tern's.
     let mut src = Daemon::start(
         "qemu-storage-daemon (source)",
         storage_daemon(
+            Command::new("qemu-storage-daemon"),
             &source,
             "src",
-            args.cache == "none",
-            &dir.join("src.nbd"),
+            case.cache == "none",
+            &NbdServer {
+                addr: format!("addr.type=unix,addr.path={}", dir.join("src.nbd").display()),
+                tls: None,
+            },
+            client_tls.as_deref(),
             &dir.join("src.qmp"),
         ),
         &dir.join("src.qmp"),
     )?;
-    let (mut fio, mut fio_log) = bench.start_guest(size_bytes)?;
+    let route = bench.link.route_tcp(dst_addr)?;
+    let mut guest = bench.start_guest(size_bytes)?;
+    let link_before = bench.link.bytes()?;
 
     let steps = (|| -> anyhow::Result<Steps> {
         let qmp = &mut src.qmp;
-        qmp.execute(
-            "blockdev-add",
-            json!({
-                "driver": "nbd",
-                "node-name": "tgt",
-                "server": {"type": "unix", "path": dst_nbd.display().to_string()},
-                "export": DISK,
-            }),
-        )?;
+        let mut server = json!({
+            "driver": "nbd",
+            "node-name": "tgt",
+            "server": {
+                "type": "inet",
+                "host": route.addr.ip().to_string(),
+                "port": route.addr.port().to_string(),
+            },
+            "export": DISK,
+        });
+        if tls {
+            server["tls-creds"] = json!("tls0");
+            server["tls-hostname"] = json!(TLS_HOSTNAME);
+        }
+        qmp.execute("blockdev-add", server)?;
         let t0_ms = now_unix_ms();
         let t0 = Instant::now();
         qmp.execute(
@@ -313,26 +442,44 @@ pub(crate) fn run_one(bench: &Bench<'_>, rep: u32, copy_mode: &str) -> anyhow::R
                 "copy-mode": copy_mode,
             }),
         )?;
-        let (_, ready_at) =
-            qmp.wait_event("BLOCK_JOB_READY", Duration::from_secs(CONVERGE_TIMEOUT_S))?;
+        let deadline = t0 + Duration::from_secs(CONVERGE_TIMEOUT_S);
+        let mut course = Vec::new();
+        let ready_at = loop {
+            if let Some((_, at)) = qmp.poll_event("BLOCK_JOB_READY", COURSE_INTERVAL)? {
+                break at;
+            }
+            if Instant::now() >= deadline {
+                bail!("no BLOCK_JOB_READY within {CONVERGE_TIMEOUT_S} s");
+            }
+            if let Some((offset, len)) = job_progress(qmp)? {
+                course.push(CoursePoint {
+                    t_s: t0.elapsed().as_secs_f64(),
+                    remaining_bytes: len.saturating_sub(offset),
+                    done_bytes: offset,
+                });
+            }
+        };
         let converge_s = ready_at.duration_since(t0).as_secs_f64();
-        // The guest keeps writing, then stops (a VMM pauses the VM); fio writes its logs.
-        thread::sleep(AFTER_CONVERGED);
-        if fio.interrupt(FIO_EXIT_TIMEOUT)?.is_none() {
-            bail!("fio did not exit within {FIO_EXIT_TIMEOUT:?} of SIGINT");
+        if let Some(guest) = guest.take() {
+            guest.pause()?;
         }
+        let processed = job_progress(qmp)?.map_or(0, |(offset, _)| offset);
         let complete = Instant::now();
         qmp.execute("block-job-complete", json!({"device": JOB}))?;
         let (done, done_at) = qmp.wait_event("BLOCK_JOB_COMPLETED", QMP_TIMEOUT)?;
         if let Some(error) = done["data"].get("error") {
             bail!("the mirror job failed: {error}");
         }
+        // The final offset: what the job processed, dirtied areas again included.
+        let processed = done["data"]["offset"].as_u64().unwrap_or(processed);
         Ok(Steps {
             t0_ms,
             t1_ms: t0_ms + converge_s * 1e3,
             converge_s,
             total_s: done_at.duration_since(t0).as_secs_f64(),
             downtime_ms: done_at.duration_since(complete).as_secs_f64() * 1e3,
+            processed,
+            course,
         })
     })();
     let steps = match steps {
@@ -340,55 +487,64 @@ pub(crate) fn run_one(bench: &Bench<'_>, rep: u32, copy_mode: &str) -> anyhow::R
         Err(e) => {
             src.log.collect();
             dst.log.collect();
-            fio_log.collect();
+            let fio_tail = guest
+                .as_mut()
+                .map(|g| {
+                    g.log.collect();
+                    g.log.tail()
+                })
+                .unwrap_or_default();
             return Err(e.context(format!(
-                "QEMU ({copy_mode}) repetition {rep} failed\n--- source daemon:\n{}\n--- target daemon:\n{}\n--- fio:\n{}",
+                "QEMU ({system}) repetition {rep} failed\n--- source daemon:\n{}\n--- target daemon:\n{}\n--- fio:\n{fio_tail}",
                 src.log.tail(),
                 dst.log.tail(),
-                fio_log.tail()
             )));
         }
     };
+    let link_bytes = bench.link.bytes()?.saturating_sub(link_before);
+    let source_usage = src.guard.usage()?;
+    let target_usage = dst.guard.usage()?;
 
     // Daemons down (they flush), then the independent check.
     drop(src.qmp);
     src.guard.stop(DAEMON_EXIT_TIMEOUT)?;
     drop(dst.qmp);
     dst.guard.stop(DAEMON_EXIT_TIMEOUT)?;
+    drop(route);
     let target_equal = process::images_equal(&source, &target)?;
     if !target_equal {
         bail!(
-            "QEMU ({copy_mode}) repetition {rep}: qemu-img compare says {} differs from {} (kept for inspection)",
+            "QEMU ({system}) repetition {rep}: qemu-img compare says {} differs from {} (kept for inspection)",
             target.display(),
             source.display()
         );
     }
-    let Guest {
-        before,
-        during,
-        timeline_mib_s,
-        migrate_at_s,
-        fio_bytes_written,
-    } = bench.guest(steps.t0_ms, steps.t1_ms)?;
-    let record = QemuRecord {
+    let mut run = Run {
+        system,
         rep,
-        copy_mode: copy_mode.to_owned(),
         caches_dropped,
         total_s: steps.total_s,
         converge_s: steps.converge_s,
         downtime_ms: steps.downtime_ms,
-        during_vs_intended: args.intended().map(|rate| during.mib_s / rate),
-        during_vs_before: (before.mib_s > 0.0).then(|| during.mib_s / before.mib_s),
-        before,
-        during,
-        fio_bytes_written,
-        timeline_mib_s,
-        migrate_at_s,
-        target_equal,
+        equal: target_equal,
+        link_bytes,
+        bytes_again: steps.processed.saturating_sub(size_bytes),
+        source: source_usage,
+        target: target_usage,
+        course: steps.course,
+        before: None,
+        during: None,
+        during_vs_intended: None,
+        during_latency_us: Vec::new(),
+        timeline_mib_s: Vec::new(),
+        migrate_at_s: None,
+        fio_bytes_written: None,
+        tern: None,
     };
-    bench.keep_logs(&format!("qemu-{copy_mode}-rep-{rep}"))?;
+    bench.add_guest(&mut run, steps.t0_ms, steps.t1_ms)?;
+    bench.keep_logs(&format!("{system}-rep-{rep}"))?;
     bench.clean()?;
-    Ok(record)
+    Ok((run, size_bytes))
 }
 
 /// The measured points of one QEMU run.
@@ -403,308 +559,41 @@ struct Steps {
     total_s: f64,
     /// `block-job-complete` → `BLOCK_JOB_COMPLETED`, ms.
     downtime_ms: f64,
-}
-
-/// The quantities Tern's and QEMU's runs share (as in their records).
-struct View<'a> {
-    total_s: f64,
-    converge_s: f64,
-    downtime_ms: f64,
-    before: &'a Window,
-    during: &'a Window,
-    during_vs_intended: Option<f64>,
-    /// Target equal to source (Tern: and its digests matched).
-    equal: bool,
-}
-
-impl<'a> From<&'a RunRecord> for View<'a> {
-    fn from(r: &'a RunRecord) -> Self {
-        Self {
-            total_s: r.total_s,
-            converge_s: r.converge_s,
-            downtime_ms: r.downtime_ms,
-            before: &r.before,
-            during: &r.during,
-            during_vs_intended: r.during_vs_intended,
-            equal: r.verified && r.target_equal,
-        }
-    }
-}
-
-impl<'a> From<&'a QemuRecord> for View<'a> {
-    fn from(r: &'a QemuRecord) -> Self {
-        Self {
-            total_s: r.total_s,
-            converge_s: r.converge_s,
-            downtime_ms: r.downtime_ms,
-            before: &r.before,
-            during: &r.during,
-            during_vs_intended: r.during_vs_intended,
-            equal: r.target_equal,
-        }
-    }
-}
-
-/// A quantity of the comparison: its name, decimals, and how to read it from a run.
-type Quantity = (&'static str, usize, fn(&View<'_>) -> Option<f64>);
-
-/// The quantities compared, in report order.
-const QUANTITIES: [Quantity; 10] = [
-    ("total time (s)", 2, |v| Some(v.total_s)),
-    ("time to converge / READY (s)", 2, |v| Some(v.converge_s)),
-    ("storage downtime (ms)", 1, |v| Some(v.downtime_ms)),
-    ("guest MiB/s before", 1, |v| Some(v.before.mib_s)),
-    ("guest MiB/s during", 1, |v| Some(v.during.mib_s)),
-    ("during / intended rate", 2, |v| v.during_vs_intended),
-    ("write p50 before (µs)", 0, |v| v.before.p50_us),
-    ("write p50 during (µs)", 0, |v| v.during.p50_us),
-    ("write p99 before (µs)", 0, |v| v.before.p99_us),
-    ("write p99 during (µs)", 0, |v| v.during.p99_us),
-];
-
-/// The summaries of one system's runs.
-#[derive(Clone, Debug, Serialize)]
-struct SystemSummary {
-    /// Which system.
-    system: String,
-    /// Runs.
-    runs: usize,
-    /// Every run's target equal to its source (Tern: and verified).
-    all_equal: bool,
-    /// Per quantity, in [`QUANTITIES`] order.
-    quantities: Vec<(&'static str, Option<Summary>)>,
-}
-
-fn summarize_system(system: String, views: &[View<'_>]) -> SystemSummary {
-    SystemSummary {
-        system,
-        runs: views.len(),
-        all_equal: views.iter().all(|v| v.equal),
-        quantities: QUANTITIES
-            .iter()
-            .map(|(name, _, get)| {
-                let values: Vec<f64> = views.iter().filter_map(get).collect();
-                (*name, summarize(&values))
-            })
-            .collect(),
-    }
-}
-
-/// A ratio of two medians.
-#[derive(Clone, Debug, Serialize)]
-struct Ratio {
-    /// What is divided by what.
-    name: String,
-    /// The ratio, if both medians exist.
-    value: Option<f64>,
-}
-
-/// Writes and prints the comparison of Tern's runs with QEMU's (`nbd-CASE-vs-qemu.md` and
-/// `.json` in `--out`).
-pub(crate) fn report(
-    args: &NbdArgs,
-    config: &NbdConfig,
-    tern_runs: &[RunRecord],
-    qemu_runs: &[QemuRecord],
-) -> anyhow::Result<()> {
-    use std::fmt::Write as _;
-    let qemu_version = run_timed(
-        "qemu-storage-daemon --version",
-        Command::new("qemu-storage-daemon").arg("--version"),
-        Duration::from_secs(10),
-    )?
-    .check("qemu-storage-daemon --version")?
-    .stdout
-    .lines()
-    .next()
-    .unwrap_or_default()
-    .to_owned();
-    let tern_label = format!("Tern ({})", config.mode);
-    let mut systems = vec![summarize_system(
-        tern_label.clone(),
-        &tern_runs.iter().map(View::from).collect::<Vec<_>>(),
-    )];
-    for mode in MODES {
-        let views: Vec<View<'_>> = qemu_runs
-            .iter()
-            .filter(|r| r.copy_mode == mode)
-            .map(View::from)
-            .collect();
-        systems.push(summarize_system(format!("QEMU {mode}"), &views));
-    }
-    let median = |system: usize, quantity: usize| {
-        systems[system].quantities[quantity]
-            .1
-            .as_ref()
-            .map(|s| s.median)
-    };
-    let mut ratios = Vec::new();
-    for (q, what) in [
-        (0, "total time"),
-        (1, "time to converge"),
-        (2, "downtime"),
-        (4, "guest MiB/s during"),
-        (9, "write p99 during"),
-    ] {
-        for (s, mode) in MODES.iter().enumerate() {
-            ratios.push(Ratio {
-                name: format!("{what}: {tern_label} / QEMU {mode}"),
-                value: median(0, q)
-                    .zip(median(s + 1, q))
-                    .filter(|(_, qemu)| *qemu > 0.0)
-                    .map(|(tern, qemu)| tern / qemu),
-            });
-        }
-    }
-
-    let mut out = String::new();
-    let rate = match config.rate_mib_s {
-        Some(rate) => format!("{rate} MiB/s"),
-        None => "unpaced".to_owned(),
-    };
-    let _ = writeln!(
-        out,
-        "\n# tern-bench nbd --peer qemu: Tern vs QEMU's mirror, same fio guest {rate} QD{}\n",
-        config.queue_depth
-    );
-    let _ = writeln!(
-        out,
-        "Image: {:.0} MiB, mix `{}`, seed = repetition; {} repetition(s), each running Tern, \
-         then QEMU background, then QEMU write-blocking on a fresh image of the same seed. \
-         Page cache of the source: `tern export --cache {}`, QEMU source cache.direct={}; \
-         target: `tern serve` (O_DIRECT), QEMU target cache.direct={}.  ",
-        crate::nbd::mib(config.size_bytes),
-        config.mix,
-        config.reps,
-        config.cache,
-        if config.cache == "none" { "on" } else { "off" },
-        if args.qemu_target_cache == "none" {
-            "on"
-        } else {
-            "off"
-        },
-    );
-    let _ = writeln!(out, "QEMU: {qemu_version}. Guest: `{}`.\n", config.fio_cmd);
-
-    let _ = writeln!(
-        out,
-        "| rep | system | total s | converge s | downtime ms | MiB/s before → during | during / intended | p50 µs before → during | p99 µs before → during | target = source |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
-    );
-    let mut rows: Vec<(u32, String, View<'_>)> = tern_runs
-        .iter()
-        .map(|r| (r.rep, tern_label.clone(), View::from(r)))
-        .collect();
-    rows.extend(
-        qemu_runs
-            .iter()
-            .map(|r| (r.rep, format!("QEMU {}", r.copy_mode), View::from(r))),
-    );
-    rows.sort_by_key(|(rep, _, _)| *rep);
-    for (rep, system, v) in &rows {
-        let _ = writeln!(
-            out,
-            "| {rep} | {system} | {:.2} | {:.2} | {:.1} | {:.1} → {:.1} | {} | {} → {} | {} → {} | {} |",
-            v.total_s,
-            v.converge_s,
-            v.downtime_ms,
-            v.before.mib_s,
-            v.during.mib_s,
-            opt(v.during_vs_intended, 2),
-            opt(v.before.p50_us, 0),
-            opt(v.during.p50_us, 0),
-            opt(v.before.p99_us, 0),
-            opt(v.during.p99_us, 0),
-            if v.equal { "yes" } else { "**NO**" },
-        );
-    }
-
-    let _ = write!(out, "\n| median (min–max) |");
-    for s in &systems {
-        let _ = write!(out, " {} |", s.system);
-    }
-    let _ = writeln!(out, "\n|---|{}", "---:|".repeat(systems.len()));
-    for (q, (name, digits, _)) in QUANTITIES.iter().enumerate() {
-        let _ = write!(out, "| {name} |");
-        for s in &systems {
-            let cell = match &s.quantities[q].1 {
-                Some(v) => format!(
-                    "{:.d$} ({:.d$}–{:.d$})",
-                    v.median,
-                    v.min,
-                    v.max,
-                    d = *digits
-                ),
-                None => "–".to_owned(),
-            };
-            let _ = write!(out, " {cell} |");
-        }
-        let _ = writeln!(out);
-    }
-    let _ = write!(out, "| target = source, every run |");
-    for s in &systems {
-        let _ = write!(out, " {} |", if s.all_equal { "yes" } else { "**NO**" });
-    }
-    let _ = writeln!(out, "\n\n| ratio of medians | value |\n|---|---:|");
-    for r in &ratios {
-        let _ = writeln!(out, "| {} | {} |", r.name, opt(r.value, 2));
-    }
-    let _ = writeln!(
-        out,
-        "\nQEMU: `blockdev-add` of an NBD client node for the target, `blockdev-mirror` \
-         sync=full (t0), `BLOCK_JOB_READY` (t1, \"converge\"; \"during\" = t0 → t1), {} s more \
-         of guest writes, fio stopped with SIGINT, `block-job-complete`; downtime is from that \
-         command to `BLOCK_JOB_COMPLETED`, total time from `blockdev-mirror` to it. Tern: as in \
-         the report above (its total is the daemon's `total-time-s`, `migrate` → commit). \
-         Tern's \"target = source\" also requires its digests to have matched.",
-        AFTER_CONVERGED.as_secs()
-    );
-
-    let stem = format!("nbd-{}-vs-qemu", args.case_name());
-    let json_path = args.out.join(format!("{stem}.json"));
-    let report_path = args.out.join(format!("{stem}.md"));
-    let json = json!({
-        "scenario": "nbd-vs-qemu",
-        "config": config,
-        "qemu_version": qemu_version,
-        "qemu_target_cache": args.qemu_target_cache,
-        "tern_runs": tern_runs,
-        "qemu_runs": qemu_runs,
-        "summary": systems,
-        "ratios": ratios,
-    });
-    fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
-        .with_context(|| format!("write {}", json_path.display()))?;
-    fs::write(&report_path, &out).with_context(|| format!("write {}", report_path.display()))?;
-    print!("{out}");
-    eprintln!(
-        "tern-bench: wrote {} and {}",
-        report_path.display(),
-        json_path.display()
-    );
-    Ok(())
+    /// The job's final offset: bytes processed, dirtied areas again included.
+    processed: u64,
+    /// `query-block-jobs` until READY.
+    course: Vec<CoursePoint>,
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::process::Command;
 
-    use super::storage_daemon;
+    use super::{NbdServer, storage_daemon};
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
 
     #[test]
     fn storage_daemon_exports_the_raw_node_over_nbd_with_a_qmp_monitor() {
         let cmd = storage_daemon(
+            Command::new("qemu-storage-daemon"),
             Path::new("/d/src.img"),
             "src",
             false,
-            Path::new("/d/src.nbd"),
+            &NbdServer {
+                addr: "addr.type=unix,addr.path=/d/src.nbd".to_owned(),
+                tls: None,
+            },
+            None,
             Path::new("/d/src.qmp"),
         );
-        let args: Vec<String> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
         assert_eq!(
-            args,
+            args(&cmd),
             [
                 "--blockdev",
                 "driver=file,node-name=src-file,filename=/d/src.img,cache.direct=off",
@@ -720,5 +609,53 @@ mod tests {
                 "chardev=qmp",
             ]
         );
+    }
+
+    #[test]
+    fn tls_credentials_go_to_the_server_or_the_client_node() {
+        let server = storage_daemon(
+            Command::new("qemu-storage-daemon"),
+            Path::new("/d/dst.img"),
+            "dst",
+            true,
+            &NbdServer {
+                addr: "addr.type=inet,addr.host=10.231.0.2,addr.port=1234".to_owned(),
+                tls: Some(Path::new("/t/server")),
+            },
+            None,
+            Path::new("/d/dst.qmp"),
+        );
+        let server = args(&server);
+        assert_eq!(
+            server[..2],
+            [
+                "--object",
+                "tls-creds-x509,id=tls0,dir=/t/server,endpoint=server"
+            ]
+        );
+        assert!(server.contains(
+            &"addr.type=inet,addr.host=10.231.0.2,addr.port=1234,tls-creds=tls0".to_owned()
+        ));
+        let client = storage_daemon(
+            Command::new("qemu-storage-daemon"),
+            Path::new("/d/src.img"),
+            "src",
+            false,
+            &NbdServer {
+                addr: "addr.type=unix,addr.path=/d/src.nbd".to_owned(),
+                tls: None,
+            },
+            Some(Path::new("/t/client")),
+            Path::new("/d/src.qmp"),
+        );
+        let client = args(&client);
+        assert_eq!(
+            client[..2],
+            [
+                "--object",
+                "tls-creds-x509,id=tls0,dir=/t/client,endpoint=client"
+            ]
+        );
+        assert!(client.contains(&"addr.type=unix,addr.path=/d/src.nbd".to_owned()));
     }
 }

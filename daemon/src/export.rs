@@ -55,6 +55,11 @@ pub(crate) struct Args {
     /// Async worker threads for NBD and control.
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
+    /// How often running migrations report a `progress` event (and the transfer rate behind
+    /// its ETA is sampled), milliseconds. The benchmark harness asks for 200 to plot the
+    /// migration's course.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    progress_interval_ms: u64,
 }
 
 /// A tracked disk as an NBD backend: writes are marked dirty, and a throttled guest waits
@@ -163,8 +168,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             tasks.spawn(crate::metrics::serve(listener, jobs.clone()));
         }
         let ticker = jobs.clone();
+        let interval = Duration::from_millis(args.progress_interval_ms);
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(interval);
             loop {
                 tick.tick().await;
                 ticker.tick();
