@@ -579,8 +579,16 @@ pub struct SourceMigration {
     unconfirmed_base: u64,
     /// Data and zero frames handed out on this connection.
     handed_out: u64,
-    /// Barriers handed out and not yet answered: (id, frames handed out before it).
-    barrier_marks: VecDeque<(u64, u64)>,
+    /// Data bytes handed out on this connection.
+    handed_out_bytes: u64,
+    /// Data bytes handed out before the latest answered barrier: durable on the target.
+    /// `handed_out_bytes - confirmed_bytes` is what is still on its way (in the driver's and
+    /// the transport's buffers, on the link, or not yet flushed), and a switchover must wait
+    /// for it as for the dirty data, so the convergence prediction counts it.
+    confirmed_bytes: u64,
+    /// Barriers handed out and not yet answered: (id, frames handed out before it, data
+    /// bytes handed out before it).
+    barrier_marks: VecDeque<(u64, u64, u64)>,
     /// Checkpoint barriers in flight (pipelined, at most `CHECKPOINTS_IN_FLIGHT`).
     checkpoints: VecDeque<u64>,
     /// Copy (not mirror) data bytes of the frames in `unconfirmed`.
@@ -726,6 +734,8 @@ impl SourceMigration {
             unconfirmed: VecDeque::new(),
             unconfirmed_base: 0,
             handed_out: 0,
+            handed_out_bytes: 0,
+            confirmed_bytes: 0,
             barrier_marks: VecDeque::new(),
             checkpoints: VecDeque::new(),
             unconfirmed_bytes: 0,
@@ -804,6 +814,7 @@ impl SourceMigration {
                 let mirror = self.mirror_stream() == Some(*stream);
                 self.frames_sent[*stream as usize] += 1;
                 self.handed_out += 1;
+                self.handed_out_bytes += transmit.queued_bytes() as u64;
                 self.since_checkpoint += (transmit.queued_bytes() as u64).max(4096);
                 if self.config.resumable
                     && let Some(mut sent) = Sent::of(&transmit)
@@ -817,7 +828,8 @@ impl SourceMigration {
                 self.maybe_checkpoint(false);
             }
             Transmit::Control(Control::Barrier { id, .. }) => {
-                self.barrier_marks.push_back((*id, self.handed_out));
+                self.barrier_marks
+                    .push_back((*id, self.handed_out, self.handed_out_bytes));
             }
             Transmit::Control(_) => {}
         }
@@ -843,11 +855,13 @@ impl SourceMigration {
         }
         if let Control::BarrierDone { id } = message {
             // Everything handed out before the barrier is durable on the target.
-            let Some(position) = self.barrier_marks.iter().position(|(b, _)| *b == id) else {
+            let Some(position) = self.barrier_marks.iter().position(|(b, _, _)| *b == id) else {
                 return self.protocol_error_from_target(format!("answer to unknown barrier {id}"));
             };
-            let (_, upto) = self.barrier_marks[position];
+            let (_, upto, bytes_upto) = self.barrier_marks[position];
             self.barrier_marks.drain(..=position);
+            self.confirmed_bytes = self.confirmed_bytes.max(bytes_upto);
+            debug_assert!(self.confirmed_bytes <= self.handed_out_bytes);
             let confirmed =
                 (upto.saturating_sub(self.unconfirmed_base) as usize).min(self.unconfirmed.len());
             let bytes: u64 = self.unconfirmed.drain(..confirmed).map(|s| s.bytes).sum();
@@ -1111,6 +1125,8 @@ impl SourceMigration {
         self.transmit_bytes = 0;
         self.unconfirmed_base = 0;
         self.handed_out = 0;
+        self.handed_out_bytes = 0;
+        self.confirmed_bytes = 0;
         self.barrier_marks.clear();
         self.checkpoints.clear();
         self.unconfirmed_bytes = 0;
@@ -1287,15 +1303,17 @@ impl SourceMigration {
         self.bulk_done_reported = false;
     }
 
-    /// Resumable: queues a checkpoint barrier once `checkpoint_bytes` were handed out since
-    /// the last one (or, `now`, once anything was), unless enough are in flight already.
+    /// Resumable or live: queues a checkpoint barrier once `checkpoint_bytes` were handed
+    /// out since the last one (or, `now`, once anything was), unless enough are in flight
+    /// already. Their answers tell a resumable source what a lost link would cost, and a
+    /// live one how much is still on its way (its convergence prediction counts that).
     fn maybe_checkpoint(&mut self, now: bool) {
         let due = if now {
             self.since_checkpoint > 0
         } else {
             self.since_checkpoint >= self.config.checkpoint_bytes
         };
-        if !self.config.resumable
+        if !(self.config.resumable || self.config.live.is_some())
             || !due
             || self.checkpoints.len() >= CHECKPOINTS_IN_FLIGHT
             || !matches!(self.phase, Phase::Bulk | Phase::Iterating)
@@ -1672,6 +1690,14 @@ impl SourceMigration {
         }
         self.progress.dirty_bytes = dirty_bytes;
         self.progress.passes += 1;
+        // What a switchover would wait for besides the dirty data: frames queued or handed
+        // out that the target has not confirmed durable. With nothing dirty, a checkpoint
+        // has the target confirm the tail, so an idle migration converges once it is there.
+        let pending_bytes =
+            self.transmit_bytes as u64 + self.handed_out_bytes - self.confirmed_bytes;
+        if dirty_bytes == 0 && pending_bytes > 0 {
+            self.maybe_checkpoint(true);
+        }
         // Convergence: bytes sent since the previous harvest over the time that took.
         if let Some(started) = self.pass.started.replace(now) {
             let seconds = now
@@ -1680,10 +1706,15 @@ impl SourceMigration {
                 .max(1e-6);
             let transfer_rate = self.pass.bytes_sent as f64 / seconds;
             let dirty_rate = dirty_bytes as f64 / seconds;
-            // Nothing sent and nothing dirty: an idle guest, converged with nothing to sync.
+            // Nothing sent and nothing dirty: an idle guest, converged once nothing is
+            // pending either.
             if self.phase == Phase::Iterating && (self.pass.bytes_sent > 0 || dirty_bytes == 0) {
-                let predicted =
-                    Duration::from_secs_f64(dirty_bytes as f64 / transfer_rate.max(1.0));
+                let to_sync = dirty_bytes + pending_bytes;
+                let predicted = if to_sync == 0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs_f64(to_sync as f64 / transfer_rate.max(1.0))
+                };
                 if predicted <= live.max_downtime && !self.converged {
                     self.converged = true;
                     self.events.push_back(SourceEvent::Converged {
