@@ -162,7 +162,10 @@ impl Writer {
 #[serde(try_from = "String", into = "String")]
 pub(crate) enum System {
     /// `tern export` → `tern serve` (QUIC, TLS 1.3 always).
-    Tern,
+    Tern {
+        /// `migrate congestion=bbr` instead of the default CUBIC.
+        bbr: bool,
+    },
     /// `qemu-storage-daemon` `blockdev-mirror` to a second one over NBD.
     Qemu {
         /// `copy-mode`: write-blocking (true) or background.
@@ -173,10 +176,18 @@ pub(crate) enum System {
 }
 
 impl System {
+    /// Tern with its defaults.
+    pub(crate) const TERN: System = System::Tern { bbr: false };
+
+    /// Whether this is Tern (in any variant).
+    pub(crate) fn is_tern(self) -> bool {
+        matches!(self, System::Tern { .. })
+    }
+
     /// The `copy-mode` of a QEMU system.
     pub(crate) fn copy_mode(self) -> Option<&'static str> {
         match self {
-            System::Tern => None,
+            System::Tern { .. } => None,
             System::Qemu {
                 write_blocking: false,
                 ..
@@ -192,7 +203,7 @@ impl System {
 impl fmt::Display for System {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            System::Tern => write!(f, "tern"),
+            System::Tern { bbr } => write!(f, "tern{}", if *bbr { "-bbr" } else { "" }),
             System::Qemu { tls, .. } => write!(
                 f,
                 "qemu-{}{}",
@@ -212,7 +223,8 @@ impl FromStr for System {
             None => (text, false),
         };
         match (rest, tls) {
-            ("tern", false) => Ok(System::Tern),
+            ("tern", false) => Ok(System::TERN),
+            ("tern-bbr", false) => Ok(System::Tern { bbr: true }),
             ("qemu-background", tls) => Ok(System::Qemu {
                 write_blocking: false,
                 tls,
@@ -279,6 +291,7 @@ mod tests {
     fn systems_parse_and_print_the_same() {
         for text in [
             "tern",
+            "tern-bbr",
             "qemu-background",
             "qemu-write-blocking",
             "qemu-background-tls",
@@ -326,7 +339,7 @@ mod tests {
         assert_eq!(
             idle.systems,
             vec![
-                System::Tern,
+                System::TERN,
                 System::Qemu {
                     write_blocking: false,
                     tls: true

@@ -179,6 +179,8 @@ impl SystemSummary {
 pub(crate) struct Ratio {
     /// The quantity.
     pub(crate) quantity: &'static str,
+    /// The Tern variant divided.
+    pub(crate) tern: System,
     /// The peer Tern is divided by.
     pub(crate) peer: System,
     /// Tern's median / the peer's, if both exist and the peer's is above 0.
@@ -202,11 +204,11 @@ impl CaseSummary {
         self.systems.iter().find(|s| s.system == system)
     }
 
-    /// The ratio of `quantity` between Tern and `peer`.
-    pub(crate) fn ratio(&self, quantity: &str, peer: System) -> Option<f64> {
+    /// The ratio of `quantity` between the Tern variant `tern` and `peer`.
+    pub(crate) fn ratio(&self, quantity: &str, tern: System, peer: System) -> Option<f64> {
         self.ratios
             .iter()
-            .find(|r| r.quantity == quantity && r.peer == peer)
+            .find(|r| r.quantity == quantity && r.tern == tern && r.peer == peer)
             .and_then(|r| r.value)
     }
 }
@@ -237,11 +239,12 @@ pub(crate) fn summarize_case(results: &CaseResults) -> CaseSummary {
         })
         .collect();
     let mut ratios = Vec::new();
-    if let Some(tern) = systems.iter().find(|s| s.system == System::Tern) {
-        for peer in systems.iter().filter(|s| s.system != System::Tern) {
+    for tern in systems.iter().filter(|s| s.system.is_tern()) {
+        for peer in systems.iter().filter(|s| !s.system.is_tern()) {
             for &quantity in RATIOS {
                 ratios.push(Ratio {
                     quantity,
+                    tern: tern.system,
                     peer: peer.system,
                     value: tern
                         .median(quantity)

@@ -87,6 +87,9 @@ pub(crate) struct NbdArgs {
     /// tbf; needs root) or `wan:MBIT:RTT_MS:LOSS` (the user-space emulator).
     #[arg(long, default_value = "loopback")]
     link: LinkSpec,
+    /// Tern with `migrate congestion=bbr` (QUIC BBR instead of CUBIC).
+    #[arg(long)]
+    bbr: bool,
     /// Tern's migration mode (`migrate mode=`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "background", "active"])]
     mode: String,
@@ -149,7 +152,7 @@ impl NbdArgs {
             LinkSpec::Loopback => String::new(),
             other => format!("-{}", other.to_string().replace([':', '.'], "-")),
         };
-        let mut systems = vec![System::Tern];
+        let mut systems = vec![System::Tern { bbr: self.bbr }];
         for mode in &self.qemu {
             systems.push(format!("qemu-{mode}").parse()?);
         }
@@ -207,7 +210,7 @@ impl Env {
         fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let dir = dir.canonicalize()?;
         let fio_version = first_line("fio", "--version", "install fio")?;
-        let any_qemu = systems.iter().any(|s| *s != System::Tern);
+        let any_qemu = systems.iter().any(|s| !s.is_tern());
         let qemu_version = if any_qemu {
             Some(first_line(
                 "qemu-storage-daemon",
@@ -291,7 +294,7 @@ pub(crate) fn run_case(env: &Env, case: &Case, keep_logs: bool) -> anyhow::Resul
                 case.name, case.reps
             );
             let (run, size) = match system {
-                System::Tern => bench.run_tern(rep)?,
+                System::Tern { bbr } => bench.run_tern(rep, system, bbr)?,
                 System::Qemu { .. } => qemu::run_one(&bench, rep, system)?,
             };
             size_bytes = size;
@@ -563,7 +566,7 @@ impl Bench<'_> {
     }
 
     /// One Tern run on the image of repetition `rep`; returns it and the image size.
-    fn run_tern(&self, rep: u32) -> anyhow::Result<(Run, u64)> {
+    fn run_tern(&self, rep: u32, system: System, bbr: bool) -> anyhow::Result<(Run, u64)> {
         let case = self.case;
         let dir = self.dir();
         self.clean()?;
@@ -655,6 +658,7 @@ impl Bench<'_> {
                     &format!("peer={}", self.env.target_id.fingerprint),
                     &format!("mode={}", case.mode),
                     &format!("max-downtime-ms={}", case.max_downtime_ms),
+                    &format!("congestion={}", if bbr { "bbr" } else { "cubic" }),
                 ],
                 CTL_TIMEOUT,
             )?;
@@ -691,7 +695,7 @@ impl Bench<'_> {
                     })
                     .unwrap_or_default();
                 return Err(e.context(format!(
-                    "Tern, repetition {rep} failed\n--- tern export (last lines):\n{}\n--- tern serve (last lines):\n{}\n--- fio:\n{fio_tail}",
+                    "{system}, repetition {rep} failed\n--- tern export (last lines):\n{}\n--- tern serve (last lines):\n{}\n--- fio:\n{fio_tail}",
                     export_log.tail(),
                     serve_log.tail(),
                 )));
@@ -711,7 +715,7 @@ impl Bench<'_> {
         let target_equal = process::images_equal(&source, &target)?;
         if !target_equal {
             bail!(
-                "Tern, repetition {rep}: qemu-img compare says {} differs from {} (kept for inspection)",
+                "{system}, repetition {rep}: qemu-img compare says {} differs from {} (kept for inspection)",
                 target.display(),
                 source.display()
             );
@@ -728,7 +732,7 @@ impl Bench<'_> {
         };
         let verified = switchover["verified"] == true;
         let mut run = Run {
-            system: System::Tern,
+            system,
             rep,
             caches_dropped,
             total_s: number("total-time-s")?,

@@ -383,6 +383,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             &crate::migrate::LinkArgs {
                 idle_timeout_s: 30.0,
                 reconnect_window_s: 0.0,
+                congestion: Default::default(),
             },
         )
         .await;

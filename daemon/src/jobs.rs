@@ -220,6 +220,7 @@ impl Jobs {
                 "migration",
                 "idle-timeout-ms",
                 "reconnect-window-ms",
+                "congestion",
             ],
         )?;
         let target: SocketAddr = args.parse("target")?.ok_or_else(|| {
@@ -261,6 +262,9 @@ impl Jobs {
         }
         if let Some(ms) = args.parse::<u64>("idle-timeout-ms")? {
             config.tuning.idle_timeout = Duration::from_millis(ms.max(100));
+        }
+        if let Some(congestion) = args.parse::<tern_transport::Congestion>("congestion")? {
+            config.tuning.congestion = congestion;
         }
         if let Some(ms) = args.parse::<u64>("reconnect-window-ms")? {
             config.reconnect_window = (ms > 0).then(|| Duration::from_millis(ms));

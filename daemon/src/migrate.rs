@@ -91,12 +91,17 @@ pub(crate) struct LinkArgs {
     /// what the target never confirmed durable is sent again); 0 fails at once.
     #[arg(long, default_value_t = 60.0)]
     pub(crate) reconnect_window_s: f64,
+    /// QUIC congestion control of the data sent: `cubic` (default) or `bbr` (quinn's,
+    /// experimental there; much faster on long links with random loss).
+    #[arg(long, default_value = "cubic")]
+    pub(crate) congestion: tern_transport::Congestion,
 }
 
 impl LinkArgs {
     pub(crate) fn tuning(&self) -> TransportTuning {
         TransportTuning {
             idle_timeout: Duration::from_secs_f64(self.idle_timeout_s.max(0.1)),
+            congestion: self.congestion,
             ..TransportTuning::default()
         }
     }

@@ -84,6 +84,10 @@ fn serve(setup: &Setup, listen: SocketAddr, image: &Path) -> Logged {
 }
 
 fn migrate(setup: &Setup, to: SocketAddr, rate_mib: &str) -> Logged {
+    migrate_with(setup, to, rate_mib, &[])
+}
+
+fn migrate_with(setup: &Setup, to: SocketAddr, rate_mib: &str, extra: &[&str]) -> Logged {
     let mut command = tern();
     command
         .args(["migrate", "--json", "--to", &to.to_string(), "--identity"])
@@ -91,7 +95,8 @@ fn migrate(setup: &Setup, to: SocketAddr, rate_mib: &str) -> Logged {
         .args(["--peer", &setup.target_fp, "--image"])
         .arg(&setup.source)
         .args(["--rate-limit", rate_mib, "--log", "info"])
-        .args(["--idle-timeout-s", IDLE_S, "--reconnect-window-s", "60"]);
+        .args(["--idle-timeout-s", IDLE_S, "--reconnect-window-s", "60"])
+        .args(extra);
     Logged::spawn(command)
 }
 
@@ -182,32 +187,45 @@ fn a_link_cut_past_the_idle_timeout_resumes_without_a_full_copy() {
 
 #[test]
 fn a_lossy_duplicating_reordering_link_still_delivers_an_identical_copy() {
-    let setup = setup_sized("random=50,text=25,zero=25", 32);
-    let listen = free_udp_addr();
-    let serve = serve(&setup, listen, &setup.target);
-    let bad = Impairment {
-        delay: Duration::from_millis(2),
-        loss: 0.002,
-        duplicate: 0.005,
-        reorder: 0.01,
-        ..Impairment::none()
-    };
-    let proxy =
-        UdpProxy::start("127.0.0.1:0".parse().unwrap(), listen, bad.clone(), bad, 13).unwrap();
-    let migrate = migrate(&setup, proxy.local_addr(), "1000");
-    let (status, stdout, log) = migrate.finish();
-    assert!(status.success(), "migrate failed:\n{}", log.join("\n"));
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON summary");
-    assert_eq!(summary["verified"], true, "{summary}");
-    let (status, _, _) = serve.finish();
-    assert!(status.success());
-    assert!(same_file(&setup.source, &setup.target));
-    let stats = proxy.stats();
-    eprintln!("lossy link: {stats:?}; {summary}");
-    assert!(
-        stats.dropped > 0 && stats.duplicated > 0 && stats.reordered > 0,
-        "{stats:?}"
-    );
+    // Both congestion controllers: CUBIC (the default) and BBR (`--congestion bbr`).
+    for congestion in ["cubic", "bbr"] {
+        let setup = setup_sized("random=50,text=25,zero=25", 32);
+        let listen = free_udp_addr();
+        let serve = serve(&setup, listen, &setup.target);
+        let bad = Impairment {
+            delay: Duration::from_millis(2),
+            loss: 0.002,
+            duplicate: 0.005,
+            reorder: 0.01,
+            ..Impairment::none()
+        };
+        let proxy =
+            UdpProxy::start("127.0.0.1:0".parse().unwrap(), listen, bad.clone(), bad, 13).unwrap();
+        let migrate = migrate_with(
+            &setup,
+            proxy.local_addr(),
+            "1000",
+            &["--congestion", congestion],
+        );
+        let (status, stdout, log) = migrate.finish();
+        assert!(
+            status.success(),
+            "migrate ({congestion}) failed:\n{}",
+            log.join("\n")
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(stdout.trim()).expect("JSON summary");
+        assert_eq!(summary["verified"], true, "{congestion}: {summary}");
+        let (status, _, _) = serve.finish();
+        assert!(status.success());
+        assert!(same_file(&setup.source, &setup.target), "{congestion}");
+        let stats = proxy.stats();
+        eprintln!("lossy link, {congestion}: {stats:?}; {summary}");
+        assert!(
+            stats.dropped > 0 && stats.duplicated > 0 && stats.reordered > 0,
+            "{stats:?}"
+        );
+    }
 }
 
 #[test]

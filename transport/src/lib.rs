@@ -24,6 +24,7 @@ pub use frame::{
 };
 pub use identity::{Fingerprint, Identity};
 pub use quic::{
-    FrameReader, FrameWriter, TransportTuning, client_config, connect, listen, reconnect,
+    Congestion, FrameReader, FrameWriter, TransportTuning, client_config, connect, listen,
+    reconnect,
 };
 pub use quinn;

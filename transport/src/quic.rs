@@ -35,6 +35,43 @@ pub struct TransportTuning {
     pub rtt: Duration,
     /// How long a silent peer is tolerated before the connection is declared dead.
     pub idle_timeout: Duration,
+    /// The congestion controller of what this end sends.
+    pub congestion: Congestion,
+}
+
+/// QUIC congestion control (quinn's controllers) for the data this end sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default: fair to TCP, but reads every lost packet as
+    /// congestion, so random loss on a long link starves it (measured: 0.1 % loss at 80 ms
+    /// RTT held a 100 Mbit/s link to about 1 MiB/s).
+    #[default]
+    Cubic,
+    /// BBR (quinn's implementation, marked experimental there): paces to the measured
+    /// bottleneck rate and does not back off on random loss — for long or lossy links
+    /// (measured: the same link at 10× CUBIC's rate). It retransmits more.
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            other => Err(format!("congestion control {other:?}: cubic or bbr")),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+        })
+    }
 }
 
 impl Default for TransportTuning {
@@ -44,6 +81,7 @@ impl Default for TransportTuning {
             bandwidth_bytes_per_s: 1_250_000_000,
             rtt: Duration::from_millis(10),
             idle_timeout: Duration::from_secs(30),
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -68,6 +106,18 @@ impl TransportTuning {
                     .try_into()
                     .expect("idle timeout below 2^62 ms"),
             ));
+        match self.congestion {
+            Congestion::Cubic => {
+                config.congestion_controller_factory(Arc::new(
+                    quinn::congestion::CubicConfig::default(),
+                ));
+            }
+            Congestion::Bbr => {
+                config.congestion_controller_factory(Arc::new(
+                    quinn::congestion::BbrConfig::default(),
+                ));
+            }
+        }
         config
     }
 }
@@ -258,5 +308,27 @@ impl FrameReader {
         }
         let wire = HEADER_BYTES + len;
         Ok(Some((decode_frame(&header, Bytes::from(payload))?, wire)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Congestion, TransportTuning};
+
+    #[test]
+    fn congestion_controllers_parse_print_and_refuse_others() {
+        for c in [Congestion::Cubic, Congestion::Bbr] {
+            assert_eq!(c.to_string().parse::<Congestion>(), Ok(c));
+        }
+        assert!("reno".parse::<Congestion>().is_err());
+        assert_eq!(TransportTuning::default().congestion, Congestion::Cubic);
+        // Both build a transport configuration.
+        for congestion in [Congestion::Cubic, Congestion::Bbr] {
+            let _ = TransportTuning {
+                congestion,
+                ..TransportTuning::default()
+            }
+            .transport_config();
+        }
     }
 }
