@@ -4,7 +4,7 @@
 //! advance: on a WAN link it multiplies throughput by the compression ratio, on loopback or a
 //! fast LAN it halves it because zstd becomes the bottleneck. Timings taken inside a process
 //! cannot tell the two apart reliably (a busy CPU also makes sends slow), so `Auto` measures
-//! the outcome instead: each data-stream writer alternates windows with and without
+//! the outcome instead: the data-stream writers of a connection share one policy, which alternates windows with and without
 //! compression, keeps the raw-bytes-per-second of each, uses the faster, and re-measures the
 //! other one every so often. The policy is pure (time is passed in) so tests drive it with
 //! made-up rates.
@@ -46,14 +46,15 @@ impl std::fmt::Display for CompressionMode {
     }
 }
 
-/// Frames per measurement window in `Auto`.
-const WINDOW_FRAMES: u32 = 32;
+/// Frames per measurement window in `Auto` (all writers together: 16 MiB of 64 KiB
+/// chunks, enough to average over the content's mix).
+const WINDOW_FRAMES: u32 = 256;
 /// In `Auto`, windows spent in the faster mode before the other is measured again.
 const PROBE_EVERY_WINDOWS: u32 = 16;
 /// The other mode must be this much faster to switch: measurements are noisy.
-const SWITCH_MARGIN: f64 = 1.05;
+const SWITCH_MARGIN: f64 = 1.10;
 
-/// Per-writer compression decision.
+/// The compression decision of one connection's writers.
 #[derive(Clone, Debug)]
 pub struct CompressionPolicy {
     mode: CompressionMode,
@@ -106,14 +107,14 @@ impl CompressionPolicy {
         self.decide();
     }
 
+    /// Compresses only while that is measurably faster: a tie (the bottleneck is neither
+    /// the link nor this writer's CPU, e.g. the target) goes to not compressing, which
+    /// costs both ends less CPU.
     fn decide(&mut self) {
-        let current = self.compressing as usize;
-        let other = 1 - current;
-        match (self.rates[current], self.rates[other]) {
-            // Not measured the other way yet: try it.
-            (_, None) => self.switch(),
-            (Some(here), Some(there)) => {
-                if there > here * SWITCH_MARGIN {
+        match (self.rates[0], self.rates[1]) {
+            (Some(off), Some(on)) => {
+                let compress = on > off * SWITCH_MARGIN;
+                if compress != self.compressing {
                     self.switch();
                 } else {
                     self.windows_since_probe += 1;
@@ -124,7 +125,8 @@ impl CompressionPolicy {
                     }
                 }
             }
-            (None, Some(_)) => unreachable!("the current mode was just measured"),
+            // Not measured both ways yet: try the other.
+            _ => self.switch(),
         }
     }
 
@@ -173,6 +175,32 @@ mod tests {
         // ...and the link got slow meanwhile: compression wins and stays.
         run(&mut policy, &mut now, 4, 0.010, 0.004);
         assert!(policy.compress_next());
+    }
+
+    #[test]
+    fn auto_does_not_compress_when_it_gains_nothing() {
+        // The bottleneck is elsewhere: both ways equally fast.
+        let mut policy = CompressionPolicy::new(CompressionMode::Auto);
+        let mut now = Instant::now();
+        run(&mut policy, &mut now, 3, 0.002, 0.002);
+        assert!(!policy.compress_next());
+        // Barely faster (within the noise margin) is not enough either.
+        run(
+            &mut policy,
+            &mut now,
+            2 * PROBE_EVERY_WINDOWS,
+            0.002,
+            0.00198,
+        );
+        let mut compressing = 0;
+        for _ in 0..PROBE_EVERY_WINDOWS {
+            run(&mut policy, &mut now, 1, 0.002, 0.00198);
+            compressing += u32::from(policy.compress_next());
+        }
+        assert!(
+            compressing <= 1,
+            "compressed {compressing} windows of {PROBE_EVERY_WINDOWS}"
+        );
     }
 
     #[test]

@@ -213,8 +213,7 @@ fn a_lossy_duplicating_reordering_link_still_delivers_an_identical_copy() {
             "migrate ({congestion}) failed:\n{}",
             log.join("\n")
         );
-        let summary: serde_json::Value =
-            serde_json::from_str(stdout.trim()).expect("JSON summary");
+        let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON summary");
         assert_eq!(summary["verified"], true, "{congestion}: {summary}");
         let (status, _, _) = serve.finish();
         assert!(status.success());

@@ -208,6 +208,13 @@ impl Link {
         ));
         let mut data_tx = Vec::new();
         let mut writers = Vec::new();
+        // One policy for all writers of the connection: they share the link and the CPUs,
+        // so only their total rate tells whether compressing pays (a writer measuring its
+        // own rate wins a larger share of a shared bottleneck by compressing even where
+        // that makes the whole migration slower).
+        let policy = Arc::new(std::sync::Mutex::new(CompressionPolicy::new(
+            shared.compression,
+        )));
         for index in 0..machine.data_streams() {
             let stream = connection.open_uni().await.map_err(|e| e.to_string())?;
             if machine.mirror_stream() == Some(index) {
@@ -220,7 +227,7 @@ impl Link {
             writers.push(tokio::spawn(write_data(
                 FrameWriter::new(stream),
                 rx,
-                CompressionPolicy::new(shared.compression),
+                policy.clone(),
                 input_tx.clone(),
                 number,
                 shared.frames_compressed.clone(),
@@ -714,7 +721,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 async fn write_data(
     mut writer: FrameWriter,
     mut rx: mpsc::Receiver<Transmit>,
-    mut policy: CompressionPolicy,
+    policy: Arc<std::sync::Mutex<CompressionPolicy>>,
     failed: mpsc::UnboundedSender<Input>,
     link: u64,
     frames_compressed: Arc<std::sync::atomic::AtomicU64>,
@@ -732,7 +739,11 @@ async fn write_data(
                 data,
                 ..
             } => {
-                let compression = if policy.compress_next() {
+                let compress = policy
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .compress_next();
+                let compression = if compress {
                     Compression::Zstd(ZSTD_LEVEL)
                 } else {
                     Compression::Off
@@ -768,7 +779,10 @@ async fn write_data(
             return;
         }
         if raw_bytes > 0 {
-            policy.record(raw_bytes, Instant::now());
+            policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(raw_bytes, Instant::now());
         }
     }
     writer.finish();
