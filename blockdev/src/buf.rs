@@ -46,13 +46,27 @@ unsafe impl Sync for IoBuf {}
 impl IoBuf {
     /// A heap buffer of `len` zero bytes.
     pub fn new_zeroed(len: usize) -> IoBuf {
+        Self::heap(len, true)
+    }
+
+    /// A heap buffer of `len` bytes for a read that overwrites all of them: a reused
+    /// allocation is not zeroed first, so until then it may hold bytes of an earlier buffer
+    /// of this process (never uninitialised memory). See
+    /// [`crate::BlockDevice::alloc_read_buf`].
+    pub(crate) fn for_overwrite(len: usize) -> IoBuf {
+        Self::heap(len, false)
+    }
+
+    fn heap(len: usize, zero: bool) -> IoBuf {
         // Round up so the allocation is never zero-sized (not allowed by `alloc`) and so a
         // whole number of pages is owned, which O_DIRECT reads may fill.
         let capacity = len.max(1).next_multiple_of(BUF_ALIGN);
         if let Some(ptr) = heap_cache::take(capacity) {
-            // SAFETY: the cached allocation has `capacity >= len` bytes and is owned by
-            // nobody else once taken from the cache.
-            unsafe { ptr.as_ptr().write_bytes(0, len) };
+            if zero {
+                // SAFETY: the cached allocation has `capacity >= len` bytes and is owned by
+                // nobody else once taken from the cache.
+                unsafe { ptr.as_ptr().write_bytes(0, len) };
+            }
             return IoBuf {
                 ptr,
                 len,
@@ -193,7 +207,8 @@ impl fmt::Debug for IoBuf {
 /// A migration allocates and frees a 1 MiB buffer per read; fresh allocations of that size
 /// come from `mmap`, so every one costs page faults and the kernel's page clearing (measured:
 /// ~9 % of the source's CPU in a copy). Reusing recently freed buffers keeps their pages
-/// mapped. Buffers are zeroed again when handed out, so no data crosses between users.
+/// mapped. Buffers are zeroed again when handed out, so no data crosses between users, except
+/// to read buffers, which the read overwrites whole before anyone looks.
 mod heap_cache {
     use std::ptr::NonNull;
     use std::sync::Mutex;
@@ -288,9 +303,10 @@ impl BufPool {
         unsafe { self.base.add(index * self.slot_bytes) }
     }
 
-    /// Hands out a zeroed slot as a buffer of `len` bytes, or `None` if `len` does not fit
-    /// a slot or every slot is in use.
-    pub(crate) fn take(self: &Arc<BufPool>, len: usize) -> Option<IoBuf> {
+    /// Hands out a slot as a buffer of `len` bytes, zeroed if `zero` (otherwise holding
+    /// whatever its last user left: only for reads that overwrite it all), or `None` if
+    /// `len` does not fit a slot or every slot is in use.
+    pub(crate) fn take(self: &Arc<BufPool>, len: usize, zero: bool) -> Option<IoBuf> {
         if len > self.slot_bytes {
             return None;
         }
@@ -298,9 +314,11 @@ impl BufPool {
         let ptr = self.slot_ptr(usize::from(index));
         // Zero on hand-out so a pooled buffer reads like `IoBuf::new_zeroed`, and so no
         // data from a previous request (possibly another VM's) leaks to the caller.
-        // SAFETY: the slot is `slot_bytes >= len` bytes inside the pool allocation, and was
-        // just removed from the free list, so nothing else references it.
-        unsafe { ptr.as_ptr().write_bytes(0, len) };
+        if zero {
+            // SAFETY: the slot is `slot_bytes >= len` bytes inside the pool allocation, and
+            // was just removed from the free list, so nothing else references it.
+            unsafe { ptr.as_ptr().write_bytes(0, len) };
+        }
         Some(IoBuf {
             ptr,
             len,
@@ -350,17 +368,28 @@ mod tests {
     #[test]
     fn pool_hands_out_each_slot_once_and_takes_it_back_on_drop() {
         let pool = BufPool::new(2, BUF_ALIGN).expect("pool");
-        let mut first = pool.take(10).expect("slot");
+        let mut first = pool.take(10, true).expect("slot");
         first.fill(7);
-        let second = pool.take(BUF_ALIGN).expect("slot");
-        assert!(pool.take(1).is_none(), "pool should be exhausted");
-        assert!(pool.take(BUF_ALIGN + 1).is_none(), "too large for a slot");
+        let second = pool.take(BUF_ALIGN, true).expect("slot");
+        assert!(pool.take(1, true).is_none(), "pool should be exhausted");
+        assert!(
+            pool.take(BUF_ALIGN + 1, true).is_none(),
+            "too large for a slot"
+        );
         drop(first);
-        let again = pool.take(10).expect("slot returned");
+        let again = pool.take(10, true).expect("slot returned");
         assert!(again.iter().all(|&b| b == 0), "reused slot must be zeroed");
         assert_ne!(
             again.pool_slot().map(|s| s.1),
             second.pool_slot().map(|s| s.1)
         );
+        // A slot taken for a read keeps its last bytes (the read overwrites them all);
+        // zeroing is skipped, nothing else changes.
+        let mut again = again;
+        again.fill(9);
+        drop(again);
+        let read = pool.take(10, false).expect("slot returned");
+        assert_eq!(read.len(), 10);
+        assert!(read.iter().all(|&b| b == 9), "a read slot is not zeroed");
     }
 }

@@ -117,8 +117,15 @@ impl Backend for UringBackend {
     fn alloc_buf(&self, len: usize) -> IoBuf {
         self.pool
             .as_ref()
-            .and_then(|pool| pool.take(len))
+            .and_then(|pool| pool.take(len, true))
             .unwrap_or_else(|| IoBuf::new_zeroed(len))
+    }
+
+    fn alloc_read_buf(&self, len: usize) -> IoBuf {
+        self.pool
+            .as_ref()
+            .and_then(|pool| pool.take(len, false))
+            .unwrap_or_else(|| IoBuf::for_overwrite(len))
     }
 
     fn allocated_extents(&self) -> Result<Vec<Range<u64>>, BlockError> {
