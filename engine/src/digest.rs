@@ -1,7 +1,9 @@
 //! Block digests for verification: xxh3-128 of each digest block.
 //!
-//! xxh3 runs at memory speed (~23 GB/s per core here), so hashing what the copy already
-//! read costs nothing next to the disk and the network. It detects corruption, not an
+//! xxh3 runs near memory speed, so hashing what the copy already read costs little next to
+//! the disk and the network. `twox-hash` picks AVX2 at run time (measured on 64 KiB chunks
+//! of a 256 MiB buffer: 10.5 GB/s, against 6.9 GB/s for `xxhash-rust`, which uses only what
+//! the build targets, SSE2 — same digests). It detects corruption, not an
 //! adversary; the transport's TLS is what keeps an adversary out.
 
 /// The largest block [`zero_digest`] handles: the largest chunk size.
@@ -9,7 +11,7 @@ pub const DIGEST_BYTES_MAX: usize = 1 << 20;
 
 /// The digest of a block's bytes.
 pub fn digest(bytes: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(bytes)
+    twox_hash::XxHash3_128::oneshot(bytes)
 }
 
 /// The digest of `len` zero bytes, without touching a disk.
@@ -50,6 +52,17 @@ pub fn is_zero(bytes: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_are_xxh3_128_as_the_protocol_says() {
+        // The reference value for empty input, and one past the SIMD threshold computed with
+        // another implementation (xxhash-rust): peers built either way must agree.
+        assert_eq!(digest(b""), 0x99aa06d3014798d86001c324468d497f);
+        let data: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        assert_eq!(digest(&data), 0x18580bb0190de1db1d43ec753d462301);
+    }
 
     #[test]
     fn zero_detection_finds_a_single_set_byte_anywhere() {
