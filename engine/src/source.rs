@@ -35,6 +35,10 @@ use crate::digest::{digest, is_zero, summary, zero_digest};
 /// Checkpoint barriers a resumable source keeps in flight at once.
 const CHECKPOINTS_IN_FLIGHT: usize = 4;
 
+/// A live pass is hopeless when the guest dirtied data at this fraction of the rate the pass
+/// sent it, or faster (and much more is dirty than the downtime budget allows).
+const HOPELESS_DIRTY_RATIO: f64 = 0.9;
+
 /// Bytes per bulk read (the "block" of the bulk cursor): large reads keep the disk streaming,
 /// and a block is split into frames per run of zero and non-zero chunks.
 pub const BULK_READ_BYTES: u32 = 1 << 20;
@@ -1647,6 +1651,19 @@ impl SourceMigration {
             .filter(|_| matches!(self.phase, Phase::Iterating | Phase::FinalPass))
     }
 
+    /// The driver's clock, once per turn of its loop. Live, the first call during the bulk
+    /// pass starts that pass's clock, so the first harvest after it already knows how fast
+    /// the guest dirtied data against how fast the pass sent it (and a hopeless case acts
+    /// at once instead of after a wasted pass).
+    pub fn handle_time(&mut self, now: Instant) {
+        if self.pass.started.is_none()
+            && self.phase == Phase::Bulk
+            && self.config.live.is_some()
+        {
+            self.pass.started = Some(now);
+        }
+    }
+
     /// True when the driver should harvest the dirty bitmaps now and call `handle_dirty`.
     pub fn wants_dirty(&self, now: Instant) -> bool {
         matches!(self.phase, Phase::Iterating | Phase::FinalPass)
@@ -1728,8 +1745,18 @@ impl SourceMigration {
                 if improved || self.pass.best_dirty_bytes == 0 {
                     self.pass.best_dirty_bytes = dirty_bytes;
                 }
-                if dirty_bytes > 0 && !improved {
+                // Hopeless: the guest dirtied data at least as fast as the pass sent it, and
+                // far more is dirty than the budget allows, so more passes cannot converge:
+                // act now instead of after `stalled_harvests_max` passes (measured: a QD8
+                // guest re-dirtying a 2 GiB disk cost two 4.7 s passes before mirroring).
+                let hopeless = dirty_rate >= transfer_rate * HOPELESS_DIRTY_RATIO
+                    && predicted > live.max_downtime * 4;
+                if (dirty_bytes > 0 && !improved) || (hopeless && !self.converged) {
                     self.stalled_harvests += 1;
+                    if hopeless {
+                        self.stalled_harvests =
+                            self.stalled_harvests.max(live.stalled_harvests_max);
+                    }
                     if self.stalled_harvests == live.stalled_harvests_max && !self.converged {
                         match live.mode {
                             LiveMode::Background => {

@@ -546,6 +546,9 @@ impl World {
         {
             choices.push(5);
         }
+        if self.live {
+            self.source.handle_time(self.now);
+        }
         if self.live && self.source.wants_dirty(self.now) {
             choices.push(6);
         }

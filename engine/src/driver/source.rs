@@ -413,6 +413,7 @@ pub async fn run_source(
             }
         }
         submit_reads(&mut machine, &devices, &input_tx);
+        machine.handle_time(Instant::now());
         if machine.wants_dirty(Instant::now()) {
             let dirty = bitmaps
                 .iter()
