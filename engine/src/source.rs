@@ -1656,10 +1656,7 @@ impl SourceMigration {
     /// the guest dirtied data against how fast the pass sent it (and a hopeless case acts
     /// at once instead of after a wasted pass).
     pub fn handle_time(&mut self, now: Instant) {
-        if self.pass.started.is_none()
-            && self.phase == Phase::Bulk
-            && self.config.live.is_some()
-        {
+        if self.pass.started.is_none() && self.phase == Phase::Bulk && self.config.live.is_some() {
             self.pass.started = Some(now);
         }
     }
