@@ -12,35 +12,49 @@ use std::process::{Child, Command, Output, Stdio};
 /// `TERN_BIN` overrides it.
 pub fn tern_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("TERN_BIN") {
-            return PathBuf::from(path);
-        }
-        // target/<profile>/deps/<test binary> → target/<profile>/tern
-        let exe = std::env::current_exe().expect("test binary path");
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary sits in target/<profile>/deps");
-        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo.args(["build", "--quiet", "-p", "tern", "--bin", "tern"]);
-        // `cargo test` sets CARGO_* variables for the test process; some build scripts
-        // track such variables, so passing them on would make this build and the next
-        // `cargo test` rebuild each other's dependencies every time.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
-                cargo.env_remove(key.as_ref());
-            }
-        }
-        if dir.ends_with("release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p tern failed");
-        dir.join("tern")
+    BIN.get_or_init(|| match std::env::var_os("TERN_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => build("tern", "tern"),
     })
     .clone()
+}
+
+/// Path of the `tern-bench` binary (next to `tern`, which it drives), built like
+/// [`tern_bin`].
+pub fn tern_bench_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        tern_bin();
+        build("tern-bench", "tern-bench")
+    })
+    .clone()
+}
+
+/// Builds `bin` of `package` with the test's own profile; returns its path.
+fn build(package: &str, bin: &str) -> PathBuf {
+    // target/<profile>/deps/<test binary> → target/<profile>/<bin>
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary sits in target/<profile>/deps");
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    // `cargo test` sets CARGO_* variables for the test process; some build scripts track
+    // such variables, so passing them on would make this build and the next `cargo test`
+    // rebuild each other's dependencies every time.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    if dir.ends_with("release") {
+        cargo.arg("--release");
+    }
+    let status = cargo.status().expect("run cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+    dir.join(bin)
 }
 
 /// A `tern` command with logs quiet unless `RUST_LOG` asks otherwise.
