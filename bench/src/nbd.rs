@@ -120,7 +120,9 @@ pub(crate) struct NbdArgs {
     #[arg(long)]
     tern: Option<PathBuf>,
     /// Keep fio's latency log and JSON of each run in the scratch directory
-    /// (`SYSTEM-rep-N-lat_lat.log`, `SYSTEM-rep-N-fio.json`).
+    /// (`CASE-SYSTEM-rep-N-lat_lat.log`, `CASE-SYSTEM-rep-N-fio.json`), and the stderr of
+    /// Tern's daemons (`CASE-tern-rep-N-serve.log`, `...-export.log`; `RUST_LOG` sets
+    /// what they log).
     #[arg(long)]
     keep_logs: bool,
 }
@@ -502,7 +504,7 @@ pub(crate) struct Bench<'a> {
     pub(crate) case: &'a Case,
     /// Its link, set up.
     pub(crate) link: &'a Link,
-    /// Keep fio's logs of every run.
+    /// Keep fio's logs and the daemons' stderr of every run.
     keep_logs: bool,
 }
 
@@ -591,12 +593,13 @@ impl Bench<'_> {
             .arg("--export-nbd")
             .arg(format!("unix:{}", dir.join("dst.nbd").display()));
         let mut serve = Guard::spawn("tern serve", &mut serve_cmd, Stdio::piped())?;
-        let mut serve_log = LineWatcher::new(
+        let mut serve_log = LineWatcher::copying(
             serve
                 .child_mut()
                 .stderr
                 .take()
                 .context("tern serve stderr")?,
+            self.daemon_log(rep, "serve"),
         );
         serve_log
             .wait_for(SERVE_READY, READY_TIMEOUT)
@@ -618,12 +621,13 @@ impl Bench<'_> {
                 .arg(COURSE_INTERVAL.as_millis().to_string()),
             Stdio::piped(),
         )?;
-        let mut export_log = LineWatcher::new(
+        let mut export_log = LineWatcher::copying(
             export
                 .child_mut()
                 .stderr
                 .take()
                 .context("tern export stderr")?,
+            self.daemon_log(rep, "export"),
         );
         export_log
             .wait_for(EXPORT_READY, READY_TIMEOUT)
@@ -833,6 +837,15 @@ impl Bench<'_> {
         run.migrate_at_s = Some((t0_ms - start_ms) / 1e3);
         run.fio_bytes_written = Some(fio_bytes_written);
         Ok(())
+    }
+
+    /// With `--keep-logs`, where the stderr of Tern's daemon `name` in repetition `rep` is
+    /// kept (`CASE-tern-rep-N-NAME.log`; `RUST_LOG` sets what they log).
+    fn daemon_log(&self, rep: u32, name: &str) -> Option<PathBuf> {
+        self.keep_logs.then(|| {
+            self.dir()
+                .join(format!("{}-tern-rep-{rep}-{name}.log", self.case.name))
+        })
     }
 
     /// With `--keep-logs`, keeps fio's latency log and JSON as `PREFIX-lat_lat.log` and

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
@@ -222,13 +222,22 @@ pub(crate) struct LineWatcher {
 impl LineWatcher {
     /// Starts reading `pipe` line by line.
     pub(crate) fn new<R: Read + Send + 'static>(pipe: R) -> Self {
+        Self::copying(pipe, None)
+    }
+
+    /// Like [`LineWatcher::new`], also appending every line to the file `copy` (created).
+    pub(crate) fn copying<R: Read + Send + 'static>(pipe: R, copy: Option<PathBuf>) -> Self {
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
+            let mut copy = copy.and_then(|path| std::fs::File::create(path).ok());
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
+                if let Some(file) = &mut copy {
+                    use std::io::Write;
+                    let _ = writeln!(file, "{line}");
                 }
+                // The copy goes on after the watcher is dropped: the log stays whole.
+                let _ = tx.send(line);
             }
         });
         Self {

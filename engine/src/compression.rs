@@ -4,10 +4,12 @@
 //! advance: on a WAN link it multiplies throughput by the compression ratio, on loopback or a
 //! fast LAN it halves it because zstd becomes the bottleneck. Timings taken inside a process
 //! cannot tell the two apart reliably (a busy CPU also makes sends slow), so `Auto` measures
-//! the outcome instead: the data-stream writers of a connection share one policy, which alternates windows with and without
-//! compression, keeps the raw-bytes-per-second of each, uses the faster, and re-measures the
-//! other one every so often. The policy is pure (time is passed in) so tests drive it with
-//! made-up rates.
+//! the outcome instead: the data-stream writers of a connection share one policy, which
+//! measures 16 MiB windows with and without compression, uses the mode that moves more disk
+//! bytes per second (compared on wire rates and the average compression ratio, which do not
+//! depend on one window's content), and re-measures the other mode now and then, less often
+//! while its choice keeps being confirmed. The policy is pure (time is passed in) so tests
+//! drive it with a simulated link, CPU and content.
 
 use std::time::{Duration, Instant};
 
@@ -46,25 +48,49 @@ impl std::fmt::Display for CompressionMode {
     }
 }
 
-/// Frames per measurement window in `Auto` (all writers together: 16 MiB of 64 KiB
-/// chunks, enough to average over the content's mix).
-const WINDOW_FRAMES: u32 = 256;
-/// In `Auto`, windows spent in the faster mode before the other is measured again.
+/// Raw bytes per measurement window in `Auto` (all writers together). Counted in bytes, not
+/// frames: a frame holds up to 1 MiB, and windows of 256 frames (up to 256 MiB, as this
+/// once was) made the first probe of the slower mode cost 12 % of a 2 GiB disk.
+const WINDOW_BYTES: u64 = 16 << 20;
+/// In `Auto`, windows spent in the faster mode before the other is measured again, at first;
+/// each probe that confirms the choice doubles it, up to [`PROBE_EVERY_WINDOWS_MAX`] (a
+/// probe costs a window in the slower mode: measured on a 1 Gbit/s link, probing every 16
+/// windows sent 8 % more bytes than compressing throughout).
 const PROBE_EVERY_WINDOWS: u32 = 16;
+/// The longest interval between probes (1 GiB).
+const PROBE_EVERY_WINDOWS_MAX: u32 = 64;
 /// The other mode must be this much faster to switch: measurements are noisy.
 const SWITCH_MARGIN: f64 = 1.10;
+/// Weight of the newest window in the running compression ratio.
+const RATIO_WEIGHT: f64 = 0.25;
 
 /// The compression decision of one connection's writers.
+///
+/// Raw bytes per second of one window depend on its content as much as on the mode (a
+/// window of text compresses 5×, one of random bytes not at all), and with 1 MiB extents a
+/// 16 MiB window's mix varies a lot. So the two modes are compared on what does not depend
+/// on the content: the *wire* bytes per second of each mode, and the compression ratio
+/// averaged over every compressed window. Compressing moves `wire_on / ratio` disk bytes
+/// per second, not compressing `wire_off`.
 #[derive(Clone, Debug)]
 pub struct CompressionPolicy {
     mode: CompressionMode,
     compressing: bool,
-    frames: u32,
-    bytes: u64,
+    raw: u64,
+    wire: u64,
     window_start: Option<Instant>,
-    /// Raw bytes per second measured without (index 0) and with (index 1) compression.
-    rates: [Option<f64>; 2],
+    /// Wire bytes per second without (index 0) and with (index 1) compression.
+    wire_rates: [RecentRates; 2],
+    /// Running wire/raw ratio of compressed windows.
+    ratio: Option<f64>,
+    /// The mode measured faster (the one used between probes).
+    preferred: bool,
+    /// The current window measures the other mode.
+    probing: bool,
+    /// Windows in a row that measured the preferred mode slower.
+    contradictions: u32,
     windows_since_probe: u32,
+    probe_every: u32,
 }
 
 impl CompressionPolicy {
@@ -73,11 +99,16 @@ impl CompressionPolicy {
         Self {
             mode,
             compressing: mode != CompressionMode::Off,
-            frames: 0,
-            bytes: 0,
+            raw: 0,
+            wire: 0,
             window_start: None,
-            rates: [None, None],
+            wire_rates: [RecentRates::default(), RecentRates::default()],
+            ratio: None,
+            preferred: mode != CompressionMode::Off,
+            probing: false,
+            contradictions: 0,
             windows_since_probe: 0,
+            probe_every: PROBE_EVERY_WINDOWS,
         }
     }
 
@@ -86,53 +117,124 @@ impl CompressionPolicy {
         self.compressing
     }
 
-    /// Records that a frame of `raw_bytes` was handed to the stream at `now`.
-    pub fn record(&mut self, raw_bytes: u64, now: Instant) {
+    /// Records that a data frame of `raw_bytes`, `wire_bytes` once encoded, was handed to
+    /// the stream at `now` (in the mode [`CompressionPolicy::compress_next`] gave).
+    pub fn record(&mut self, raw_bytes: u64, wire_bytes: u64, now: Instant) {
         if self.mode != CompressionMode::Auto {
             return;
         }
         let start = *self.window_start.get_or_insert(now);
-        self.frames += 1;
-        self.bytes += raw_bytes;
-        if self.frames < WINDOW_FRAMES {
+        self.raw += raw_bytes;
+        self.wire += wire_bytes;
+        if self.raw < WINDOW_BYTES {
             return;
         }
         let seconds = now
             .saturating_duration_since(start)
             .max(Duration::from_micros(1));
-        self.rates[self.compressing as usize] = Some(self.bytes as f64 / seconds.as_secs_f64());
-        self.frames = 0;
-        self.bytes = 0;
+        self.wire_rates[self.compressing as usize].push(self.wire as f64 / seconds.as_secs_f64());
+        if self.compressing && self.raw > 0 {
+            let ratio = self.wire as f64 / self.raw as f64;
+            self.ratio = Some(match self.ratio {
+                Some(old) => old + RATIO_WEIGHT * (ratio - old),
+                None => ratio,
+            });
+        }
+        self.raw = 0;
+        self.wire = 0;
         self.window_start = Some(now);
         self.decide();
+    }
+
+    /// Disk bytes per second of each mode, once both were measured.
+    fn rates(&self) -> Option<(f64, f64)> {
+        let off = self.wire_rates[0].typical()?;
+        let on = self.wire_rates[1].typical()? / self.ratio?.max(f64::MIN_POSITIVE);
+        Some((off, on))
     }
 
     /// Compresses only while that is measurably faster: a tie (the bottleneck is neither
     /// the link nor this writer's CPU, e.g. the target) goes to not compressing, which
     /// costs both ends less CPU.
     fn decide(&mut self) {
-        match (self.rates[0], self.rates[1]) {
-            (Some(off), Some(on)) => {
-                let compress = on > off * SWITCH_MARGIN;
-                if compress != self.compressing {
-                    self.switch();
-                } else {
-                    self.windows_since_probe += 1;
-                    if self.windows_since_probe >= PROBE_EVERY_WINDOWS {
-                        // Conditions change (the link fills, another migration starts):
-                        // measure the other way again.
-                        self.switch();
-                    }
-                }
+        let Some((off, on)) = self.rates() else {
+            // Not measured both ways yet: measure the other way next.
+            self.probing = true;
+            self.compressing = !self.compressing;
+            return;
+        };
+        let best = on > off * SWITCH_MARGIN;
+        tracing::debug!(
+            off_mib_s = off / 1048576.0,
+            on_mib_s = on / 1048576.0,
+            ratio = self.ratio,
+            probing = self.probing,
+            compress = best,
+            "compression: disk bytes per second without and with"
+        );
+        if self.probing {
+            // A probe of the other mode ended: keep the preferred mode, probing less often
+            // while it keeps being confirmed.
+            self.probing = false;
+            self.probe_every = if best == self.preferred {
+                (self.probe_every * 2).min(PROBE_EVERY_WINDOWS_MAX)
+            } else {
+                PROBE_EVERY_WINDOWS
+            };
+            self.prefer(best);
+        } else if best != self.preferred {
+            // The preferred mode got slower: the link filled, another migration started — or
+            // one window caught a congestion backoff, which must not switch alone. Twice in
+            // a row, the other mode is measured now.
+            self.contradictions += 1;
+            if self.contradictions >= 2 {
+                self.probe_every = PROBE_EVERY_WINDOWS;
+                self.probing = true;
+                self.compressing = !self.preferred;
             }
-            // Not measured both ways yet: try the other.
-            _ => self.switch(),
+        } else {
+            self.contradictions = 0;
+            self.windows_since_probe += 1;
+            if self.windows_since_probe >= self.probe_every {
+                self.probing = true;
+                self.compressing = !self.preferred;
+            }
         }
     }
 
-    fn switch(&mut self) {
-        self.compressing = !self.compressing;
+    fn prefer(&mut self, compress: bool) {
+        self.contradictions = 0;
+        self.preferred = compress;
+        self.compressing = compress;
         self.windows_since_probe = 0;
+    }
+}
+
+/// The last three rates measured in one mode: their median is what the mode achieves, so
+/// one window slowed by a congestion backoff (or sped up by a burst) does not count.
+#[derive(Clone, Debug, Default)]
+struct RecentRates {
+    rates: [f64; 3],
+    count: usize,
+}
+
+impl RecentRates {
+    fn push(&mut self, rate: f64) {
+        self.rates[self.count % 3] = rate;
+        self.count += 1;
+    }
+
+    /// The median of the last three; the mean while fewer were measured.
+    fn typical(&self) -> Option<f64> {
+        match self.count {
+            0 => None,
+            1 => Some(self.rates[0]),
+            2 => Some((self.rates[0] + self.rates[1]) / 2.0),
+            _ => {
+                let [a, b, c] = self.rates;
+                Some(a.max(b).min(a.min(b).max(c)))
+            }
+        }
     }
 }
 
@@ -140,67 +242,169 @@ impl CompressionPolicy {
 mod tests {
     use super::*;
 
-    /// Runs `windows` windows where a frame of 1 MiB takes `off` or `on` seconds to send.
-    fn run(policy: &mut CompressionPolicy, now: &mut Instant, windows: u32, off: f64, on: f64) {
-        for _ in 0..windows * WINDOW_FRAMES {
-            let per_frame = if policy.compress_next() { on } else { off };
-            *now += Duration::from_secs_f64(per_frame);
-            policy.record(1 << 20, *now);
+    const MIB: f64 = (1 << 20) as f64;
+    /// Frames of 1 MiB, each one extent: the bulk pass's reads.
+    const FRAME: u64 = 1 << 20;
+
+    /// A writer on a simulated machine: the link carries `link` MiB/s of wire bytes, the
+    /// writer encodes `cpu_off` MiB/s raw or compresses `cpu_on` MiB/s, and a frame takes
+    /// as long as the slower of the two. The content comes in 1 MiB extents, each random
+    /// (incompressible) or text (compresses to 20 %) at random: windows differ a lot.
+    struct Machine {
+        link: f64,
+        cpu_off: f64,
+        cpu_on: f64,
+        seed: u64,
+        extent_is_text: bool,
+        frames: u64,
+        compressed: u64,
+    }
+
+    impl Machine {
+        fn new(link: f64, cpu_off: f64, cpu_on: f64) -> Self {
+            Self {
+                link,
+                cpu_off,
+                cpu_on,
+                seed: 0x9e37_79b9_7f4a_7c15,
+                extent_is_text: false,
+                frames: 0,
+                compressed: 0,
+            }
+        }
+
+        /// Runs `windows` measurement windows' worth of frames.
+        fn run(&mut self, policy: &mut CompressionPolicy, now: &mut Instant, windows: u32) {
+            for _ in 0..u64::from(windows) * (WINDOW_BYTES / FRAME) {
+                // xorshift64: each frame's extent is text one time in three.
+                self.seed ^= self.seed << 13;
+                self.seed ^= self.seed >> 7;
+                self.seed ^= self.seed << 17;
+                self.extent_is_text = self.seed.is_multiple_of(3);
+                self.frames += 1;
+                let compress = policy.compress_next();
+                let wire = if compress && self.extent_is_text {
+                    FRAME / 5
+                } else {
+                    FRAME
+                };
+                let cpu = if compress { self.cpu_on } else { self.cpu_off };
+                let seconds = (wire as f64 / (self.link * MIB)).max(FRAME as f64 / (cpu * MIB));
+                *now += Duration::from_secs_f64(seconds);
+                self.compressed += u64::from(compress);
+                policy.record(FRAME, wire, *now);
+            }
+        }
+
+        /// The share of frames compressed since the last call.
+        fn share_compressed(&mut self) -> f64 {
+            let share = self.compressed as f64 / self.frames as f64;
+            self.compressed = 0;
+            self.frames = 0;
+            share
         }
     }
 
     #[test]
-    fn auto_compresses_when_that_is_faster() {
-        // A slow link: compressed frames go 2.5× faster.
+    fn auto_compresses_on_a_slow_link_whatever_each_window_holds() {
+        // 1 Gbit/s: compression saves a quarter of the bytes on average, and windows of
+        // mostly random data are no faster compressed than not.
         let mut policy = CompressionPolicy::new(CompressionMode::Auto);
         let mut now = Instant::now();
-        run(&mut policy, &mut now, 4, 0.010, 0.004);
-        assert!(policy.compress_next());
+        let mut machine = Machine::new(119.0, 2000.0, 400.0);
+        machine.run(&mut policy, &mut now, 8);
+        machine.share_compressed();
+        machine.run(&mut policy, &mut now, 256);
+        let share = machine.share_compressed();
+        assert!(share > 0.97, "compressed {share:.3} of the frames");
     }
 
     #[test]
-    fn auto_stops_compressing_when_the_cpu_is_the_bottleneck_and_probes_again() {
-        // Loopback: compression halves the rate.
+    fn auto_does_not_compress_when_the_cpu_is_the_bottleneck() {
+        // Loopback: the link takes 5 GB/s, zstd 400 MB/s.
         let mut policy = CompressionPolicy::new(CompressionMode::Auto);
         let mut now = Instant::now();
-        run(&mut policy, &mut now, 3, 0.001, 0.002);
-        assert!(!policy.compress_next());
-        // It stays off for a while, then measures compression again...
-        let mut probed = false;
-        for _ in 0..PROBE_EVERY_WINDOWS + 1 {
-            run(&mut policy, &mut now, 1, 0.001, 0.002);
-            probed |= policy.compress_next();
-        }
-        assert!(probed, "never re-measured compression");
-        // ...and the link got slow meanwhile: compression wins and stays.
-        run(&mut policy, &mut now, 4, 0.010, 0.004);
-        assert!(policy.compress_next());
+        let mut machine = Machine::new(5000.0, 1000.0, 400.0);
+        machine.run(&mut policy, &mut now, 8);
+        machine.share_compressed();
+        machine.run(&mut policy, &mut now, 256);
+        let share = machine.share_compressed();
+        assert!(share < 0.03, "compressed {share:.3} of the frames");
     }
 
     #[test]
     fn auto_does_not_compress_when_it_gains_nothing() {
-        // The bottleneck is elsewhere: both ways equally fast.
+        // The bottleneck is elsewhere (the target's disk): both ways equally fast.
         let mut policy = CompressionPolicy::new(CompressionMode::Auto);
         let mut now = Instant::now();
-        run(&mut policy, &mut now, 3, 0.002, 0.002);
-        assert!(!policy.compress_next());
-        // Barely faster (within the noise margin) is not enough either.
-        run(
-            &mut policy,
-            &mut now,
-            2 * PROBE_EVERY_WINDOWS,
-            0.002,
-            0.00198,
-        );
-        let mut compressing = 0;
-        for _ in 0..PROBE_EVERY_WINDOWS {
-            run(&mut policy, &mut now, 1, 0.002, 0.00198);
-            compressing += u32::from(policy.compress_next());
+        let mut machine = Machine::new(5000.0, 300.0, 300.0);
+        machine.run(&mut policy, &mut now, 8);
+        machine.share_compressed();
+        machine.run(&mut policy, &mut now, 256);
+        let share = machine.share_compressed();
+        assert!(share < 0.03, "compressed {share:.3} of the frames");
+    }
+
+    #[test]
+    fn auto_probes_less_often_while_its_choice_holds_and_follows_a_change() {
+        let mut policy = CompressionPolicy::new(CompressionMode::Auto);
+        let mut now = Instant::now();
+        let mut machine = Machine::new(5000.0, 1000.0, 400.0);
+        machine.run(&mut policy, &mut now, 8);
+        // Probes double their interval up to the maximum.
+        let mut probes = 0;
+        let mut was_compressing = policy.compress_next();
+        for _ in 0..4 * PROBE_EVERY_WINDOWS_MAX {
+            machine.run(&mut policy, &mut now, 1);
+            let compressing = policy.compress_next();
+            probes += u32::from(compressing && !was_compressing);
+            was_compressing = compressing;
         }
         assert!(
-            compressing <= 1,
-            "compressed {compressing} windows of {PROBE_EVERY_WINDOWS}"
+            (4..=7).contains(&probes),
+            "{probes} probes in {} windows",
+            4 * PROBE_EVERY_WINDOWS_MAX
         );
+        // The link becomes slow: the next probe finds compression faster, and it stays.
+        machine.link = 50.0;
+        machine.run(&mut policy, &mut now, PROBE_EVERY_WINDOWS_MAX + 2);
+        machine.share_compressed();
+        machine.run(&mut policy, &mut now, 64);
+        let share = machine.share_compressed();
+        assert!(share > 0.95, "compressed {share:.3} of the frames");
+    }
+
+    #[test]
+    fn recent_rates_are_the_median_of_three() {
+        let mut rates = RecentRates::default();
+        assert_eq!(rates.typical(), None);
+        rates.push(100.0);
+        assert_eq!(rates.typical(), Some(100.0));
+        rates.push(10.0);
+        assert_eq!(rates.typical(), Some(55.0));
+        rates.push(120.0);
+        assert_eq!(rates.typical(), Some(100.0));
+        rates.push(110.0);
+        assert_eq!(rates.typical(), Some(110.0));
+        rates.push(1.0);
+        assert_eq!(rates.typical(), Some(110.0));
+    }
+
+    #[test]
+    fn one_slow_window_does_not_switch() {
+        // A congestion backoff stalls the link for one compressed window.
+        let mut policy = CompressionPolicy::new(CompressionMode::Auto);
+        let mut now = Instant::now();
+        let mut machine = Machine::new(119.0, 2000.0, 400.0);
+        machine.run(&mut policy, &mut now, 8);
+        assert!(policy.compress_next());
+        machine.link = 10.0;
+        machine.run(&mut policy, &mut now, 1);
+        machine.link = 119.0;
+        machine.share_compressed();
+        machine.run(&mut policy, &mut now, 32);
+        let share = machine.share_compressed();
+        assert!(share > 0.95, "compressed {share:.3} of the frames");
     }
 
     #[test]
@@ -208,8 +412,8 @@ mod tests {
         let mut on = CompressionPolicy::new(CompressionMode::Zstd);
         let mut off = CompressionPolicy::new(CompressionMode::Off);
         let mut now = Instant::now();
-        run(&mut on, &mut now, 4, 0.001, 0.010);
-        run(&mut off, &mut now, 4, 0.010, 0.001);
+        Machine::new(5000.0, 1000.0, 100.0).run(&mut on, &mut now, 4);
+        Machine::new(10.0, 1000.0, 400.0).run(&mut off, &mut now, 4);
         assert!(on.compress_next());
         assert!(!off.compress_next());
     }

@@ -770,6 +770,7 @@ async fn write_data(
         // The operator's bandwidth cap: wait for the frame's bytes (a timer, not a lock).
         let now = Instant::now();
         let bytes = frame.wire_len() as u64;
+        let wire_bytes = bytes;
         let mut wait = rate_limit.reserve(bytes, now);
         if let Some(shared) = &shared_rate_limit {
             wait = wait.max(shared.reserve(bytes, now));
@@ -782,10 +783,11 @@ async fn write_data(
             return;
         }
         if raw_bytes > 0 {
-            policy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(raw_bytes, Instant::now());
+            policy.lock().unwrap_or_else(|e| e.into_inner()).record(
+                raw_bytes,
+                wire_bytes,
+                Instant::now(),
+            );
         }
     }
     writer.finish();
