@@ -25,9 +25,24 @@ pub fn zero_digest(len: usize) -> u128 {
 
 /// The summary of a per-chunk digest table: xxh3-128 of the digests' little-endian bytes, in
 /// order (both sides compute it the same way).
+///
+/// It is computed during the downtime, on both sides, so it streams the table through the
+/// hasher 256 digests at a time: no allocation (measured for 32768 chunks: 40–60 µs, against
+/// 330 µs for a freshly allocated copy of the table and ~1 ms for a byte-wise collect).
 pub fn summary(digests: impl Iterator<Item = u128>) -> u128 {
-    let bytes: Vec<u8> = digests.flat_map(u128::to_le_bytes).collect();
-    digest(&bytes)
+    let mut hasher = twox_hash::XxHash3_128::new();
+    let mut batch = [0u8; 256 * 16];
+    let mut filled = 0;
+    for d in digests {
+        batch[filled..filled + 16].copy_from_slice(&d.to_le_bytes());
+        filled += 16;
+        if filled == batch.len() {
+            hasher.write(&batch);
+            filled = 0;
+        }
+    }
+    hasher.write(&batch[..filled]);
+    hasher.finish_128()
 }
 
 /// True when every byte is zero. Written as an OR-fold over words so the compiler vectorises
@@ -62,6 +77,23 @@ mod tests {
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         assert_eq!(digest(&data), 0x18580bb0190de1db1d43ec753d462301);
+    }
+
+    #[test]
+    fn summary_is_the_digest_of_the_little_endian_table() {
+        let table = [1u128, u128::MAX, 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10];
+        let mut bytes = Vec::new();
+        for d in table {
+            bytes.extend(d.to_le_bytes());
+        }
+        assert_eq!(summary(table.into_iter()), digest(&bytes));
+        assert_eq!(summary(std::iter::empty()), digest(b""));
+        // Longer than one batch, and not a multiple of it.
+        let table: Vec<u128> = (0..1000u128)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        let bytes: Vec<u8> = table.iter().flat_map(|d| d.to_le_bytes()).collect();
+        assert_eq!(summary(table.iter().copied()), digest(&bytes));
     }
 
     #[test]

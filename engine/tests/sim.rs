@@ -80,6 +80,8 @@ struct World {
     source_result: Option<Result<(), MigrationError>>,
     target_result: Option<Result<(), MigrationError>>,
     max_target_ios: usize,
+    /// Most data bytes the target held accepted but not yet written.
+    max_target_bytes_pending: u64,
     /// Active mode: guest writes waiting for their mirror (token → disk, byte range); the
     /// guest "sees" them complete only when the machine reports them.
     mirrors_pending: std::collections::HashMap<u64, (usize, std::ops::Range<u64>)>,
@@ -261,6 +263,7 @@ impl World {
             source_result: None,
             target_result: None,
             max_target_ios: 0,
+            max_target_bytes_pending: 0,
             mirrors_pending: Default::default(),
             next_mirror: 1,
             mirrored_writes: 0,
@@ -508,6 +511,8 @@ impl World {
                 self.target_ios.push(io);
             }
             self.max_target_ios = self.max_target_ios.max(self.target_ios.len());
+            self.max_target_bytes_pending =
+                self.max_target_bytes_pending.max(target.bytes_pending());
             while let Some(event) = target.poll_event() {
                 match event {
                     TargetEvent::Completed => self.target_result = Some(Ok(())),
@@ -842,6 +847,14 @@ fn run_seed(seed: u64) -> Outcome {
         "seed={seed}: target IO queue unbounded ({})",
         world.max_target_ios
     );
+    // A frame is accepted while the budget is not yet spent, so one frame may overshoot it.
+    assert!(
+        world.max_target_bytes_pending
+            <= tern_engine::target::BYTES_PENDING_MAX
+                + u64::from(tern_engine::source::BULK_READ_BYTES),
+        "seed={seed}: target byte budget exceeded ({})",
+        world.max_target_bytes_pending
+    );
     match (&world.source_result, &world.target_result) {
         (Some(Ok(())), Some(Ok(()))) => {
             // A corrupted chunk may have been healed by a later re-send of the same chunk; the
@@ -1090,15 +1103,21 @@ fn a_digest_mismatch_names_the_byte_range() {
     let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
     source.handle_read_done(read.token, Bytes::from(data.clone()));
     drain(&mut source, &mut sent);
-    let Some(Control::Barrier { id, .. }) = sent.last().cloned() else {
-        panic!("expected a barrier, sent {sent:?}")
+    // The target answers summaries in order behind barriers (FEATURE_ORDERED_SUMMARY): the
+    // request goes right behind the final barrier, not a round trip later.
+    let [
+        ..,
+        Control::Barrier { id, .. },
+        Control::DigestSummaryRequest { disk: 0 },
+    ] = sent.as_slice()
+    else {
+        panic!("expected a barrier and a summary request, sent {sent:?}")
     };
+    let id = *id;
+    let before = sent.len();
     source.handle_control(Control::BarrierDone { id });
     drain(&mut source, &mut sent);
-    assert_eq!(
-        sent.last(),
-        Some(&Control::DigestSummaryRequest { disk: 0 })
-    );
+    assert_eq!(sent.len(), before, "asked twice: {sent:?}");
     source.handle_control(Control::DigestSummary { disk: 0, digest: 1 });
     drain(&mut source, &mut sent);
     assert!(matches!(
@@ -1120,5 +1139,122 @@ fn a_digest_mismatch_names_the_byte_range() {
             end: 2 * chunk,
         })),
         "{events:?}"
+    );
+}
+
+/// A summary request that arrives behind a barrier is answered after `BarrierDone`, and
+/// covers the frames the barrier waited for; one with no barrier pending at once.
+#[test]
+fn the_target_answers_a_summary_behind_a_barrier_only_once_the_barrier_is_done() {
+    let hello = tern_transport::Hello {
+        version: tern_transport::PROTOCOL_VERSION,
+        features: tern_transport::control::FEATURES_SUPPORTED,
+        session_id: [0; 16],
+        chunk_bytes: 4096,
+        data_streams: 1,
+        disks: vec![tern_transport::DiskInfo {
+            size: 8192,
+            identity: "d".into(),
+            allocated: 8192,
+        }],
+        resume: false,
+    };
+    let (mut target, _) = TargetMigration::accept(&hello, &[8192], Kept::Nothing).unwrap();
+    let transmitted = |target: &mut TargetMigration| -> Vec<Control> {
+        std::iter::from_fn(|| target.poll_transmit()).collect()
+    };
+    transmitted(&mut target);
+    // No barrier pending: answered at once (the table is still all unwritten).
+    target.handle_control(Control::DigestSummaryRequest { disk: 0 });
+    let [Control::DigestSummary { digest: empty, .. }] = transmitted(&mut target)[..] else {
+        panic!("no immediate summary")
+    };
+    // The barrier waits for one frame not yet arrived; the request waits behind it.
+    target.handle_control(Control::Barrier {
+        id: 7,
+        frames: vec![1],
+    });
+    target.handle_control(Control::DigestSummaryRequest { disk: 0 });
+    assert_eq!(transmitted(&mut target), vec![]);
+    let data = vec![5u8; 4096];
+    target.handle_frame(
+        0,
+        Frame::Data {
+            disk: 0,
+            chunk: 1,
+            chunk_count: 1,
+            generation: 1,
+            data: Bytes::from(data.clone()),
+        },
+    );
+    // The write, then the barrier's flush, complete one at a time.
+    let mut sent = Vec::new();
+    while let Some(io) = target.poll_io() {
+        sent.extend(transmitted(&mut target));
+        match io {
+            TargetIo::Write { token, .. } | TargetIo::Flush { token, .. } => {
+                target.handle_io_done(token)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    sent.extend(transmitted(&mut target));
+    let [
+        Control::BarrierDone { id: 7 },
+        Control::DigestSummary { disk: 0, digest },
+    ] = sent[..]
+    else {
+        panic!("expected BarrierDone then the summary, got {sent:?}")
+    };
+    assert_ne!(
+        digest, empty,
+        "the summary does not cover the barrier's frame"
+    );
+}
+
+/// Against a target without `FEATURE_ORDERED_SUMMARY` the source asks for the summary only
+/// after the final barrier is done.
+#[test]
+fn an_older_target_is_asked_for_the_summary_after_the_barrier() {
+    let mut source = SourceMigration::new(
+        SourceConfig {
+            chunk_bytes: 4096,
+            data_streams: 1,
+            ..SourceConfig::default()
+        },
+        vec![SourceDisk {
+            size: 4096,
+            identity: "d".into(),
+            allocated: std::iter::once(0..4096).collect(),
+        }],
+    );
+    let mut sent = Vec::new();
+    let drain = |source: &mut SourceMigration, sent: &mut Vec<Control>| {
+        while let Some(t) = source.poll_transmit() {
+            if let Transmit::Control(c) = t {
+                sent.push(c);
+            }
+        }
+    };
+    drain(&mut source, &mut sent);
+    source.handle_control(Control::Welcome(tern_transport::Welcome {
+        version: tern_transport::PROTOCOL_VERSION,
+        features: tern_transport::control::FEATURES_SUPPORTED
+            & !tern_transport::control::FEATURE_ORDERED_SUMMARY,
+        resumed: false,
+        digests_kept: false,
+    }));
+    drain(&mut source, &mut sent);
+    let read = source.poll_io().expect("one read");
+    source.handle_read_done(read.token, Bytes::from(vec![9u8; 4096]));
+    drain(&mut source, &mut sent);
+    let Some(Control::Barrier { id, .. }) = sent.last().cloned() else {
+        panic!("expected the barrier last, sent {sent:?}")
+    };
+    source.handle_control(Control::BarrierDone { id });
+    drain(&mut source, &mut sent);
+    assert_eq!(
+        sent.last(),
+        Some(&Control::DigestSummaryRequest { disk: 0 })
     );
 }

@@ -17,8 +17,13 @@ pub const FEATURE_ZSTD: u64 = 1 << 0;
 pub const FEATURE_ZERO_RANGES: u64 = 1 << 1;
 /// Feature bit: the sender understands `MirrorRequest` / `MirrorAck` (active mirroring).
 pub const FEATURE_MIRROR: u64 = 1 << 2;
+/// Feature bit: the sender (a target) answers a `DigestSummaryRequest` only once every
+/// barrier received before it is done, so a source may send the request right behind its
+/// final barrier (one round trip less of downtime).
+pub const FEATURE_ORDERED_SUMMARY: u64 = 1 << 3;
 /// Features this build supports.
-pub const FEATURES_SUPPORTED: u64 = FEATURE_ZSTD | FEATURE_ZERO_RANGES | FEATURE_MIRROR;
+pub const FEATURES_SUPPORTED: u64 =
+    FEATURE_ZSTD | FEATURE_ZERO_RANGES | FEATURE_MIRROR | FEATURE_ORDERED_SUMMARY;
 /// Features a peer must support for this build to talk to it.
 pub const FEATURES_REQUIRED: u64 = FEATURE_ZERO_RANGES;
 
