@@ -362,8 +362,20 @@ pub async fn run_source(
     // UDP bytes sent by links that are gone.
     let mut bytes_wire_closed = 0u64;
 
+    // Frames whose stream writer's queue was full (at most one per stream, a mirror frame
+    // first): they go out as soon as there is room, and meanwhile only control messages and
+    // mirror frames are taken from the machine, so a guest waiting on a mirror never waits
+    // for a bulk stream to drain.
+    let mut blocked: Vec<Transmit> = Vec::new();
+    let mirror_stream = machine.mirror_stream();
+
     let result = loop {
-        while let Some(transmit) = machine.poll_transmit() {
+        while let Some(transmit) = if blocked.is_empty() {
+            machine.poll_transmit()
+        } else {
+            let mirror_full = blocked.iter().any(|t| t.stream() == mirror_stream);
+            machine.poll_priority_transmit(!mirror_full)
+        } {
             let Some(current) = link.as_mut() else {
                 // Only a failure's error frame is produced without a link; nobody hears it.
                 // (A data frame here would count as sent on the next link: never.)
@@ -381,32 +393,22 @@ pub async fn run_source(
                     }
                 }
                 data @ (Transmit::Data { stream, .. } | Transmit::Zero { stream, .. }) => {
-                    if current.data_tx[stream as usize].send(data).await.is_err() {
-                        let message = "data stream writer stopped".to_string();
-                        link_failed(&mut machine, &current.connection, message);
-                    }
-                    // Sending a long queue can take a while (the writers' queues are short):
-                    // meanwhile, guest writes waiting for a mirror are taken and their reads
-                    // submitted, so they do not wait for the whole queue.
-                    while let Ok(job) = mirror_rx.try_recv() {
-                        let token = next_mirror;
-                        next_mirror += 1;
-                        machine.handle_mirror(token, job.disk, job.range.clone());
-                        mirror_jobs.insert(token, job);
-                    }
-                    submit_reads(&mut machine, &devices, &input_tx);
-                    if !mirror_jobs.is_empty() {
-                        // Mirror reads and acks that completed meanwhile move on too.
-                        while let Ok(input) = input_rx.try_recv() {
-                            if let Some(input) = handle_input(&mut machine, input, &link) {
-                                input_tx.send(input).expect("the driver holds the receiver");
-                                break;
+                    match current.data_tx[stream as usize].try_send(data) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(data)) => {
+                            assert!(
+                                blocked.iter().all(|t| t.stream() != data.stream()),
+                                "a second blocked frame for one stream would be sent out of order"
+                            );
+                            if data.stream() == mirror_stream {
+                                blocked.insert(0, data);
+                            } else {
+                                blocked.push(data);
                             }
                         }
-                        while let Some((token, mirrored)) = machine.poll_mirrored() {
-                            if let Some(job) = mirror_jobs.remove(&token) {
-                                job.finish(mirrored);
-                            }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            let message = "data stream writer stopped".to_string();
+                            link_failed(&mut machine, &current.connection, message);
                         }
                     }
                 }
@@ -445,6 +447,8 @@ pub async fn run_source(
                     if let Some(dead) = link.take() {
                         bytes_wire_closed += dead.abandon("link lost");
                     }
+                    // They belonged to the dead link; the machine requeues what it carried.
+                    blocked.clear();
                     let since = Instant::now();
                     link_down_since = Some(since);
                     reconnecting = Some(tokio::spawn(self::reconnect(
@@ -555,6 +559,20 @@ pub async fn run_source(
                 continue;
             }
             () = sleep_until(deadline), if deadline.is_some() => continue,
+            permit = async {
+                let stream = blocked[0].stream().expect("only data frames block");
+                link.as_ref().expect("guarded").data_tx[stream as usize].reserve().await
+            }, if !blocked.is_empty() && link.is_some() => {
+                let frame = blocked.remove(0);
+                match permit {
+                    Ok(permit) => permit.send(frame),
+                    Err(_) => {
+                        let current = link.as_ref().expect("guarded");
+                        link_failed(&mut machine, &current.connection, "data stream writer stopped".into());
+                    }
+                }
+                continue;
+            }
         };
         match handle_input(&mut machine, input, &link) {
             Some(Input::Reconnected(connection)) => {
