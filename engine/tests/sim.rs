@@ -199,6 +199,8 @@ impl World {
                 max_downtime: Duration::from_millis(rng.random_range(1..100)),
                 harvest_interval: Duration::from_millis(1),
                 stalled_harvests_max: 4,
+                // Simulated time moves slowly, and the disks are small.
+                bulk_verdict_after: Duration::ZERO,
                 mode: match rng.random_range(0..3) {
                     0 => LiveMode::Auto,
                     1 => LiveMode::Active,
@@ -560,6 +562,9 @@ impl World {
         if self.live && self.source.poll_timeout().is_some() {
             choices.push(7);
         }
+        if self.live && self.source.wants_dirty_count(self.now) {
+            choices.push(11);
+        }
         let running = self.source_result.is_none() && self.target_result.is_none();
         if running && self.cuts_left > 0 && self.rng.random_range(0..50) == 0 {
             choices.push(8);
@@ -655,6 +660,10 @@ impl World {
             }
             7 => {
                 self.now = self.source.poll_timeout().unwrap().max(self.now);
+            }
+            11 => {
+                let dirty = self.bitmaps.iter().map(DirtyBitmap::dirty_bytes).sum();
+                self.source.handle_dirty_count(self.now, dirty);
             }
             8 => {
                 if replaying() {
@@ -1256,5 +1265,102 @@ fn an_older_target_is_asked_for_the_summary_after_the_barrier() {
     assert_eq!(
         sent.last(),
         Some(&Control::DigestSummaryRequest { disk: 0 })
+    );
+}
+
+/// Runs a live `Auto` source's bulk pass over a 256 MiB disk, 10 ms per 1 MiB read, and at
+/// every count it asks for reports `dirtied(copied)` bytes dirty, `copied` being the bytes
+/// the pass has read.
+/// Returns whether writes were mirrored before the bulk pass ended, and the events.
+fn bulk_pass_with_a_guest(dirtied: impl Fn(u64) -> u64) -> (bool, Vec<SourceEvent>) {
+    const SIZE: u64 = 256 << 20;
+    let mut source = SourceMigration::new(
+        SourceConfig {
+            live: Some(LiveConfig {
+                mode: LiveMode::Auto,
+                ..LiveConfig::default()
+            }),
+            ..SourceConfig::default()
+        },
+        vec![SourceDisk {
+            size: SIZE,
+            identity: "d".into(),
+            allocated: std::iter::once(0..SIZE).collect(),
+        }],
+    );
+    let answer_barriers = |source: &mut SourceMigration| {
+        let mut done = Vec::new();
+        while let Some(t) = source.poll_transmit() {
+            if let Transmit::Control(Control::Barrier { id, .. }) = t {
+                done.push(id);
+            }
+        }
+        for id in done {
+            source.handle_control(Control::BarrierDone { id });
+        }
+    };
+    answer_barriers(&mut source);
+    source.handle_control(Control::Welcome(tern_transport::Welcome {
+        version: tern_transport::PROTOCOL_VERSION,
+        features: tern_transport::control::FEATURES_SUPPORTED,
+        resumed: false,
+        digests_kept: false,
+    }));
+    let block = Bytes::from(vec![7u8; 1 << 20]);
+    let mut now = Instant::now();
+    let mut events = Vec::new();
+    let mut mirrored_in_bulk = false;
+    while source.progress().phase == "bulk" {
+        source.handle_time(now);
+        if source.wants_dirty_count(now) {
+            source.handle_dirty_count(now, dirtied(source.progress().bytes_read));
+        }
+        mirrored_in_bulk |= source.is_mirroring();
+        answer_barriers(&mut source);
+        let Some(read) = source.poll_io() else {
+            answer_barriers(&mut source);
+            continue;
+        };
+        now += Duration::from_millis(10);
+        source.handle_read_done(read.token, block.slice(..read.len as usize));
+        events.extend(std::iter::from_fn(|| source.poll_event()));
+    }
+    events.extend(std::iter::from_fn(|| source.poll_event()));
+    (mirrored_in_bulk, events)
+}
+
+#[test]
+fn auto_mirrors_during_the_bulk_pass_once_the_guest_dirties_data_as_fast_as_it_is_copied() {
+    let (mirrored, events) = bulk_pass_with_a_guest(|copied| copied);
+    assert!(
+        mirrored,
+        "no mirroring before the bulk pass ended: {events:?}"
+    );
+    let changes: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            SourceEvent::ModeChanged {
+                mirroring, reason, ..
+            } => Some((*mirroring, reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(
+        changes[0].0 && changes[0].1.contains("bulk pass"),
+        "{changes:?}"
+    );
+}
+
+#[test]
+fn auto_keeps_copying_in_the_background_while_the_guest_dirties_little() {
+    // A tenth of what is copied dirty again: the passes converge on their own.
+    let (mirrored, events) = bulk_pass_with_a_guest(|copied| copied / 10);
+    assert!(!mirrored, "{events:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, SourceEvent::ModeChanged { .. })),
+        "{events:?}"
     );
 }

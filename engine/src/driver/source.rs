@@ -416,6 +416,10 @@ pub async fn run_source(
         }
         submit_reads(&mut machine, &devices, &input_tx);
         machine.handle_time(Instant::now());
+        if machine.wants_dirty_count(Instant::now()) {
+            let dirty = bitmaps.iter().map(|bitmap| bitmap.dirty_bytes()).sum();
+            machine.handle_dirty_count(Instant::now(), dirty);
+        }
         if machine.wants_dirty(Instant::now()) {
             let dirty = bitmaps
                 .iter()
