@@ -1801,7 +1801,10 @@ impl SourceMigration {
         let transfer_rate = self.pass.bytes_sent as f64 / seconds;
         let dirty_rate = dirty_bytes as f64 / seconds;
         let predicted = Duration::from_secs_f64(dirty_bytes as f64 / transfer_rate.max(1.0));
-        if dirty_rate >= transfer_rate * HOPELESS_DIRTY_RATIO && predicted > live.max_downtime * 4 {
+        if dirty_bytes > 0
+            && dirty_rate >= transfer_rate * HOPELESS_DIRTY_RATIO
+            && predicted > live.max_downtime * 4
+        {
             self.start_mirroring(
                 "during the bulk pass the guest dirtied data as fast as it was copied: \
                  guest writes are now mirrored (active mode)"
@@ -1920,8 +1923,15 @@ impl SourceMigration {
                 // far more is dirty than the budget allows, so more passes cannot converge:
                 // act now instead of after `stalled_harvests_max` passes (measured: a QD8
                 // guest re-dirtying a 2 GiB disk cost two 4.7 s passes before mirroring).
-                let hopeless = dirty_rate >= transfer_rate * HOPELESS_DIRTY_RATIO
-                    && predicted > live.max_downtime * 4;
+                // Only the guest's data counts: with nothing dirty (an idle guest whose tail
+                // waits for its checkpoint) or nothing sent in the pass there is no rate to
+                // compare (measured: an idle 2 GiB migration escalated 7 times, throttling
+                // the guest to 1 MiB/s, and a WAN one thousands of times).
+                let hopeless = dirty_bytes > 0
+                    && self.pass.bytes_sent > 0
+                    && dirty_rate >= transfer_rate * HOPELESS_DIRTY_RATIO
+                    && Duration::from_secs_f64(dirty_bytes as f64 / transfer_rate)
+                        > live.max_downtime * 4;
                 if (dirty_bytes > 0 && !improved) || (hopeless && !self.converged) {
                     self.stalled_harvests += 1;
                     if hopeless {

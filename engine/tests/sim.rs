@@ -1364,3 +1364,56 @@ fn auto_keeps_copying_in_the_background_while_the_guest_dirties_little() {
         "{events:?}"
     );
 }
+
+#[test]
+fn an_idle_guest_is_never_mirrored_or_throttled_while_the_tail_waits_for_its_barrier() {
+    const SIZE: u64 = 64 << 20;
+    let mut source = SourceMigration::new(
+        SourceConfig {
+            live: Some(LiveConfig {
+                mode: LiveMode::Auto,
+                ..LiveConfig::default()
+            }),
+            ..SourceConfig::default()
+        },
+        vec![SourceDisk {
+            size: SIZE,
+            identity: "d".into(),
+            allocated: std::iter::once(0..SIZE).collect(),
+        }],
+    );
+    while source.poll_transmit().is_some() {}
+    source.handle_control(Control::Welcome(tern_transport::Welcome {
+        version: tern_transport::PROTOCOL_VERSION,
+        features: tern_transport::control::FEATURES_SUPPORTED,
+        resumed: false,
+        digests_kept: false,
+    }));
+    let block = Bytes::from(vec![7u8; 1 << 20]);
+    let mut now = Instant::now();
+    let mut events = Vec::new();
+    // No barrier is ever answered: what was sent stays pending, as on a slow link.
+    for _ in 0..10_000 {
+        source.handle_time(now);
+        if source.wants_dirty_count(now) {
+            source.handle_dirty_count(now, 0);
+        }
+        if source.wants_dirty(now) {
+            source.handle_dirty(now, vec![(0, Vec::new())]);
+        }
+        while source.poll_transmit().is_some() {}
+        if let Some(read) = source.poll_io() {
+            source.handle_read_done(read.token, block.slice(..read.len as usize));
+        }
+        events.extend(std::iter::from_fn(|| source.poll_event()));
+        now += Duration::from_millis(1);
+    }
+    assert_eq!(source.progress().phase, "iterating", "{events:?}");
+    assert!(source.progress().passes > 100, "{:?}", source.progress());
+    let changes: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, SourceEvent::ModeChanged { .. }))
+        .collect();
+    assert!(changes.is_empty(), "{changes:?}");
+    assert!(!source.is_mirroring());
+}
