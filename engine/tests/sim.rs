@@ -983,20 +983,7 @@ fn migrations_complete_with_target_equal_to_source_under_any_interleaving() {
 /// Frames for one chunk arriving newest-first must leave the newest bytes (I3).
 #[test]
 fn an_older_generation_never_overwrites_a_newer_one() {
-    let hello = tern_transport::Hello {
-        version: tern_transport::PROTOCOL_VERSION,
-        features: tern_transport::control::FEATURES_SUPPORTED,
-        session_id: [0; 16],
-        chunk_bytes: 4096,
-        data_streams: 2,
-        disks: vec![tern_transport::DiskInfo {
-            size: 8192,
-            identity: "d".into(),
-            allocated: 0,
-        }],
-        resume: false,
-    };
-    let (mut target, _) = TargetMigration::accept(&hello, &[8192], Kept::Nothing).unwrap();
+    let mut target = target_of_8k(2, 0);
     let data = |byte: u8, generation: u64| Frame::Data {
         disk: 0,
         chunk: 0,
@@ -1093,25 +1080,13 @@ fn a_digest_mismatch_names_the_byte_range() {
         }],
     );
     let mut sent = Vec::new();
-    let drain = |source: &mut SourceMigration, sent: &mut Vec<Control>| {
-        while let Some(t) = source.poll_transmit() {
-            if let Transmit::Control(c) = t {
-                sent.push(c);
-            }
-        }
-    };
-    drain(&mut source, &mut sent);
-    source.handle_control(Control::Welcome(tern_transport::Welcome {
-        version: tern_transport::PROTOCOL_VERSION,
-        features: tern_transport::control::FEATURES_SUPPORTED,
-        resumed: false,
-        digests_kept: false,
-    }));
-    drain(&mut source, &mut sent);
+    drain_controls(&mut source, &mut sent);
+    source.handle_control(welcome(tern_transport::control::FEATURES_SUPPORTED));
+    drain_controls(&mut source, &mut sent);
     let read = source.poll_io().expect("one read");
     let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
     source.handle_read_done(read.token, Bytes::from(data.clone()));
-    drain(&mut source, &mut sent);
+    drain_controls(&mut source, &mut sent);
     // The target answers summaries in order behind barriers (FEATURE_ORDERED_SUMMARY): the
     // request goes right behind the final barrier, not a round trip later.
     let [
@@ -1125,10 +1100,10 @@ fn a_digest_mismatch_names_the_byte_range() {
     let id = *id;
     let before = sent.len();
     source.handle_control(Control::BarrierDone { id });
-    drain(&mut source, &mut sent);
+    drain_controls(&mut source, &mut sent);
     assert_eq!(sent.len(), before, "asked twice: {sent:?}");
     source.handle_control(Control::DigestSummary { disk: 0, digest: 1 });
-    drain(&mut source, &mut sent);
+    drain_controls(&mut source, &mut sent);
     assert!(matches!(
         sent.last(),
         Some(Control::DigestRequest { block_count: 3, .. })
@@ -1155,20 +1130,7 @@ fn a_digest_mismatch_names_the_byte_range() {
 /// covers the frames the barrier waited for; one with no barrier pending at once.
 #[test]
 fn the_target_answers_a_summary_behind_a_barrier_only_once_the_barrier_is_done() {
-    let hello = tern_transport::Hello {
-        version: tern_transport::PROTOCOL_VERSION,
-        features: tern_transport::control::FEATURES_SUPPORTED,
-        session_id: [0; 16],
-        chunk_bytes: 4096,
-        data_streams: 1,
-        disks: vec![tern_transport::DiskInfo {
-            size: 8192,
-            identity: "d".into(),
-            allocated: 8192,
-        }],
-        resume: false,
-    };
-    let (mut target, _) = TargetMigration::accept(&hello, &[8192], Kept::Nothing).unwrap();
+    let mut target = target_of_8k(1, 8192);
     let transmitted = |target: &mut TargetMigration| -> Vec<Control> {
         std::iter::from_fn(|| target.poll_transmit()).collect()
     };
@@ -1238,43 +1200,48 @@ fn an_older_target_is_asked_for_the_summary_after_the_barrier() {
         }],
     );
     let mut sent = Vec::new();
-    let drain = |source: &mut SourceMigration, sent: &mut Vec<Control>| {
-        while let Some(t) = source.poll_transmit() {
-            if let Transmit::Control(c) = t {
-                sent.push(c);
-            }
-        }
-    };
-    drain(&mut source, &mut sent);
-    source.handle_control(Control::Welcome(tern_transport::Welcome {
-        version: tern_transport::PROTOCOL_VERSION,
-        features: tern_transport::control::FEATURES_SUPPORTED
+    drain_controls(&mut source, &mut sent);
+    source.handle_control(welcome(
+        tern_transport::control::FEATURES_SUPPORTED
             & !tern_transport::control::FEATURE_ORDERED_SUMMARY,
-        resumed: false,
-        digests_kept: false,
-    }));
-    drain(&mut source, &mut sent);
+    ));
+    drain_controls(&mut source, &mut sent);
     let read = source.poll_io().expect("one read");
     source.handle_read_done(read.token, Bytes::from(vec![9u8; 4096]));
-    drain(&mut source, &mut sent);
+    drain_controls(&mut source, &mut sent);
     let Some(Control::Barrier { id, .. }) = sent.last().cloned() else {
         panic!("expected the barrier last, sent {sent:?}")
     };
     source.handle_control(Control::BarrierDone { id });
-    drain(&mut source, &mut sent);
+    drain_controls(&mut source, &mut sent);
     assert_eq!(
         sent.last(),
         Some(&Control::DigestSummaryRequest { disk: 0 })
     );
 }
 
-/// Runs a live `Auto` source's bulk pass over a 256 MiB disk, 10 ms per 1 MiB read, and at
-/// every count it asks for reports `dirtied(copied)` bytes dirty, `copied` being the bytes
-/// the pass has read.
-/// Returns whether writes were mirrored before the bulk pass ended, and the events.
-fn bulk_pass_with_a_guest(dirtied: impl Fn(u64) -> u64) -> (bool, Vec<SourceEvent>) {
-    const SIZE: u64 = 256 << 20;
-    let mut source = SourceMigration::new(
+/// Moves the source's control messages to `sent`, dropping its data frames.
+fn drain_controls(source: &mut SourceMigration, sent: &mut Vec<Control>) {
+    while let Some(t) = source.poll_transmit() {
+        if let Transmit::Control(c) = t {
+            sent.push(c);
+        }
+    }
+}
+
+/// A target's welcome to a fresh session with `features`.
+fn welcome(features: u64) -> Control {
+    Control::Welcome(tern_transport::Welcome {
+        version: tern_transport::PROTOCOL_VERSION,
+        features,
+        resumed: false,
+        digests_kept: false,
+    })
+}
+
+/// A live `Auto` source of one fully allocated disk of `size` bytes, default settings.
+fn live_auto_source(size: u64) -> SourceMigration {
+    SourceMigration::new(
         SourceConfig {
             live: Some(LiveConfig {
                 mode: LiveMode::Auto,
@@ -1283,11 +1250,40 @@ fn bulk_pass_with_a_guest(dirtied: impl Fn(u64) -> u64) -> (bool, Vec<SourceEven
             ..SourceConfig::default()
         },
         vec![SourceDisk {
-            size: SIZE,
+            size,
             identity: "d".into(),
-            allocated: std::iter::once(0..SIZE).collect(),
+            allocated: std::iter::once(0..size).collect(),
         }],
-    );
+    )
+}
+
+/// A target that accepted a fresh session of one 8 KiB disk in 4 KiB chunks.
+fn target_of_8k(data_streams: u16, allocated: u64) -> TargetMigration {
+    let hello = tern_transport::Hello {
+        version: tern_transport::PROTOCOL_VERSION,
+        features: tern_transport::control::FEATURES_SUPPORTED,
+        session_id: [0; 16],
+        chunk_bytes: 4096,
+        data_streams,
+        disks: vec![tern_transport::DiskInfo {
+            size: 8192,
+            identity: "d".into(),
+            allocated,
+        }],
+        resume: false,
+    };
+    TargetMigration::accept(&hello, &[8192], Kept::Nothing)
+        .unwrap()
+        .0
+}
+
+/// Runs a live `Auto` source's bulk pass over a 256 MiB disk, 10 ms per 1 MiB read, and at
+/// every count it asks for reports `dirtied(copied)` bytes dirty, `copied` being the bytes
+/// the pass has read.
+/// Returns whether writes were mirrored before the bulk pass ended, and the events.
+fn bulk_pass_with_a_guest(dirtied: impl Fn(u64) -> u64) -> (bool, Vec<SourceEvent>) {
+    const SIZE: u64 = 256 << 20;
+    let mut source = live_auto_source(SIZE);
     let answer_barriers = |source: &mut SourceMigration| {
         let mut done = Vec::new();
         while let Some(t) = source.poll_transmit() {
@@ -1300,12 +1296,7 @@ fn bulk_pass_with_a_guest(dirtied: impl Fn(u64) -> u64) -> (bool, Vec<SourceEven
         }
     };
     answer_barriers(&mut source);
-    source.handle_control(Control::Welcome(tern_transport::Welcome {
-        version: tern_transport::PROTOCOL_VERSION,
-        features: tern_transport::control::FEATURES_SUPPORTED,
-        resumed: false,
-        digests_kept: false,
-    }));
+    source.handle_control(welcome(tern_transport::control::FEATURES_SUPPORTED));
     let block = Bytes::from(vec![7u8; 1 << 20]);
     let mut now = Instant::now();
     let mut events = Vec::new();
@@ -1368,27 +1359,9 @@ fn auto_keeps_copying_in_the_background_while_the_guest_dirties_little() {
 #[test]
 fn an_idle_guest_is_never_mirrored_or_throttled_while_the_tail_waits_for_its_barrier() {
     const SIZE: u64 = 64 << 20;
-    let mut source = SourceMigration::new(
-        SourceConfig {
-            live: Some(LiveConfig {
-                mode: LiveMode::Auto,
-                ..LiveConfig::default()
-            }),
-            ..SourceConfig::default()
-        },
-        vec![SourceDisk {
-            size: SIZE,
-            identity: "d".into(),
-            allocated: std::iter::once(0..SIZE).collect(),
-        }],
-    );
+    let mut source = live_auto_source(SIZE);
     while source.poll_transmit().is_some() {}
-    source.handle_control(Control::Welcome(tern_transport::Welcome {
-        version: tern_transport::PROTOCOL_VERSION,
-        features: tern_transport::control::FEATURES_SUPPORTED,
-        resumed: false,
-        digests_kept: false,
-    }));
+    source.handle_control(welcome(tern_transport::control::FEATURES_SUPPORTED));
     let block = Bytes::from(vec![7u8; 1 << 20]);
     let mut now = Instant::now();
     let mut events = Vec::new();
