@@ -11,6 +11,8 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 /// Alignment of every [`IoBuf`], in bytes.
 pub(crate) const BUF_ALIGN: usize = 4096;
 
@@ -35,6 +37,12 @@ enum Owner {
     Heap,
     /// Slot `index` of a registered pool; the `Arc` keeps the pool memory alive.
     Pool { pool: Arc<BufPool>, index: u16 },
+    /// Aligned bytes that a `Bytes` keeps alive (see [`IoBuf::from_bytes`]); never written
+    /// through: the first mutable access moves the buffer to a heap copy.
+    Shared {
+        /// Held for its memory only.
+        _bytes: Bytes,
+    },
 }
 
 // SAFETY: an IoBuf uniquely owns its memory (heap allocation or a pool slot that the pool
@@ -49,11 +57,11 @@ impl IoBuf {
         Self::heap(len, true)
     }
 
-    /// A heap buffer of `len` bytes for a read that overwrites all of them: a reused
-    /// allocation is not zeroed first, so until then it may hold bytes of an earlier buffer
-    /// of this process (never uninitialised memory). See
+    /// A heap buffer of `len` bytes for a read or a copy that overwrites all of them: a
+    /// reused allocation is not zeroed first, so until then it may hold bytes of an earlier
+    /// buffer of this process (never uninitialised memory). See
     /// [`crate::BlockDevice::alloc_read_buf`].
-    pub(crate) fn for_overwrite(len: usize) -> IoBuf {
+    pub fn for_overwrite(len: usize) -> IoBuf {
         Self::heap(len, false)
     }
 
@@ -120,6 +128,25 @@ impl IoBuf {
         }
     }
 
+    /// A buffer of the bytes of `bytes`, without a copy when they start at an address aligned
+    /// for O_DIRECT: the target writes frame payloads that the transport read into aligned
+    /// buffers this way. Such a buffer is for writing from; a read into it (any mutable
+    /// access) first moves it to a heap copy. Unaligned bytes are copied at once.
+    pub fn from_bytes(bytes: Bytes) -> IoBuf {
+        if !(bytes.as_ptr() as usize).is_multiple_of(BUF_ALIGN) || bytes.is_empty() {
+            return Self::from_slice(&bytes);
+        }
+        let len = bytes.len();
+        // The pointer is only ever read through (see `DerefMut`).
+        let ptr = NonNull::new(bytes.as_ptr().cast_mut()).expect("non-empty Bytes is non-null");
+        IoBuf {
+            ptr,
+            len,
+            capacity: len,
+            owner: Owner::Shared { _bytes: bytes },
+        }
+    }
+
     /// Number of bytes in the buffer.
     pub fn len(&self) -> usize {
         self.len
@@ -138,7 +165,7 @@ impl IoBuf {
     /// The registered-buffer index and pool identity, if this buffer lives in a pool.
     pub(crate) fn pool_slot(&self) -> Option<(&Arc<BufPool>, u16)> {
         match &self.owner {
-            Owner::Heap => None,
+            Owner::Heap | Owner::Shared { .. } => None,
             Owner::Pool { pool, index } => Some((pool, *index)),
         }
     }
@@ -164,6 +191,7 @@ impl Drop for IoBuf {
                 unsafe { alloc::dealloc(self.ptr.as_ptr(), heap_layout(self.capacity)) }
             }
             Owner::Pool { pool, index } => pool.release(*index),
+            Owner::Shared { .. } => {}
         }
     }
 }
@@ -180,7 +208,12 @@ impl Deref for IoBuf {
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access.
+        if matches!(self.owner, Owner::Shared { .. }) {
+            // Shared bytes are never written: copy them to memory of our own first.
+            *self = IoBuf::from_slice(self);
+        }
+        // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access; the memory is
+        // the buffer's own (heap or pool slot), never shared bytes.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -188,6 +221,13 @@ impl DerefMut for IoBuf {
 /// Lets a filled buffer become `bytes::Bytes::from_owner(buf)` without a copy.
 impl AsRef<[u8]> for IoBuf {
     fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Lets the transport read a frame's payload straight into a buffer.
+impl AsMut<[u8]> for IoBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
         self
     }
 }
@@ -208,7 +248,8 @@ impl fmt::Debug for IoBuf {
 /// come from `mmap`, so every one costs page faults and the kernel's page clearing (measured:
 /// ~9 % of the source's CPU in a copy). Reusing recently freed buffers keeps their pages
 /// mapped. Buffers are zeroed again when handed out, so no data crosses between users, except
-/// to read buffers, which the read overwrites whole before anyone looks.
+/// to buffers for overwriting ([`IoBuf::for_overwrite`]), which a read or a copy fills whole
+/// before anyone looks.
 mod heap_cache {
     use std::ptr::NonNull;
     use std::sync::Mutex;
@@ -363,6 +404,29 @@ mod tests {
         }
         let buf = IoBuf::from_slice(b"abc");
         assert_eq!(&buf[..], b"abc");
+    }
+
+    #[test]
+    fn aligned_bytes_become_a_buffer_without_a_copy_and_are_never_written() {
+        let mut filled = IoBuf::for_overwrite(8192);
+        filled.fill(5);
+        let bytes = Bytes::from_owner(filled);
+        let mut buf = IoBuf::from_bytes(bytes.clone());
+        assert_eq!(buf.as_ptr(), bytes.as_ptr(), "aligned bytes are not copied");
+        assert_eq!(&buf[..], &bytes[..]);
+        assert!(buf.pool_slot().is_none());
+        // A mutable access (a read into it) moves it to its own memory first.
+        buf[0] = 9;
+        assert_ne!(buf.as_ptr(), bytes.as_ptr());
+        assert_eq!(buf.as_ptr() as usize % BUF_ALIGN, 0);
+        assert_eq!((buf[0], buf[1], bytes[0]), (9, 5, 5));
+        // A slice at an aligned offset is still shared; an unaligned one is copied.
+        let slice = IoBuf::from_bytes(bytes.slice(4096..));
+        assert_eq!(slice.as_ptr(), bytes[4096..].as_ptr());
+        let unaligned = IoBuf::from_bytes(bytes.slice(1..100));
+        assert_eq!(unaligned.as_ptr() as usize % BUF_ALIGN, 0);
+        assert_eq!(&unaligned[..], &bytes[1..100]);
+        assert!(IoBuf::from_bytes(Bytes::new()).is_empty());
     }
 
     #[test]

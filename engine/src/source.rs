@@ -30,7 +30,7 @@ use bytes::Bytes;
 use tern_transport::control::{FEATURES_REQUIRED, FEATURES_SUPPORTED};
 use tern_transport::{Control, DiskInfo, ErrorCode, Hello, PROTOCOL_VERSION};
 
-use crate::digest::{digest, is_zero, summary, zero_digest};
+use crate::digest::{ReadBlock, summary, zero_digest};
 
 /// Checkpoint barriers a resumable source keeps in flight at once.
 const CHECKPOINTS_IN_FLIGHT: usize = 4;
@@ -249,6 +249,8 @@ pub enum Transmit {
         generation: u64,
         /// The bytes (`chunk_count` chunks, clipped to the disk's end).
         data: Bytes,
+        /// CRC32 of `data`, computed where it was read ([`ReadBlock`]).
+        crc32: u32,
     },
     /// A zero range on data stream `stream`.
     Zero {
@@ -497,15 +499,15 @@ impl DiskState {
 
     /// Records the digests of the chunks in `data`, which starts at byte `offset` and was
     /// read with `generation`.
-    fn record_digests(&mut self, offset: u64, data: &[u8], generation: u64) {
+    fn record_digests(&mut self, offset: u64, digests: &[u128], generation: u64) {
         debug_assert_eq!(offset % self.chunk_bytes, 0);
         self.summary = None;
         let first = offset / self.chunk_bytes;
-        for (i, chunk) in data.chunks(self.chunk_bytes as usize).enumerate() {
+        for (i, digest) in digests.iter().enumerate() {
             let index = first as usize + i;
             if self.digest_generations[index] <= generation {
                 self.digest_generations[index] = generation;
-                self.digests[index] = Some(digest(chunk));
+                self.digests[index] = Some(*digest);
             }
         }
     }
@@ -1102,7 +1104,10 @@ impl SourceMigration {
     }
 
     /// A read completed with `data` (exactly the requested length).
-    pub fn handle_read_done(&mut self, token: u64, data: Bytes) {
+    ///
+    /// `block` holds the bytes with their per-chunk facts ([`ReadBlock::new`] with this
+    /// migration's chunk size), computed by the driver wherever suits it.
+    pub fn handle_read_done(&mut self, token: u64, block: ReadBlock) {
         let Some((disk, range, generation, bulk_read)) = self.reads.remove(&token) else {
             panic!("read completion for unknown token {token}");
         };
@@ -1117,21 +1122,31 @@ impl SourceMigration {
             return;
         }
         let state = &mut self.disks[disk as usize];
+        let len = block.data().len() as u64;
         assert_eq!(
-            data.len() as u64,
+            len,
             range.end - range.start,
             "short read reached the engine"
         );
-        state.record_digests(range.start, &data, generation);
-        self.progress.bytes_read += data.len() as u64;
-        self.pass.bytes_sent += data.len() as u64;
+        assert_eq!(
+            block.chunk_bytes(),
+            u64::from(self.config.chunk_bytes),
+            "read block examined with another chunk size"
+        );
+        debug_assert_eq!(
+            block,
+            ReadBlock::new(block.data().clone(), block.chunk_bytes())
+        );
+        state.record_digests(range.start, block.digests(), generation);
+        self.progress.bytes_read += len;
+        self.pass.bytes_sent += len;
         if !bulk_read {
             self.progress.bytes_resent += range.end - range.start;
         }
         self.send_block(
             disk,
             range.start,
-            data,
+            &block,
             generation,
             mirror.is_none(),
             bulk_read,
@@ -2123,7 +2138,7 @@ impl SourceMigration {
         &mut self,
         disk: u32,
         offset: u64,
-        data: Bytes,
+        block: &ReadBlock,
         generation: u64,
         bulk: bool,
         bulk_read: bool,
@@ -2131,48 +2146,44 @@ impl SourceMigration {
         if self.diffing {
             // Digests only (recorded by the caller): the target's decide what to send.
             if bulk_read {
-                self.progress.bytes_done += data.len() as u64;
+                self.progress.bytes_done += block.data().len() as u64;
             }
             return;
         }
-        let chunk_bytes = self.config.chunk_bytes as usize;
-        debug_assert_eq!(offset % chunk_bytes as u64, 0);
-        let first_chunk = offset / chunk_bytes as u64;
-        let chunks = data.len().div_ceil(chunk_bytes);
-        let mut run_start = 0;
-        while run_start < chunks {
-            let zero = is_zero(chunk_slice(&data, run_start, chunk_bytes));
-            let mut run_end = run_start + 1;
-            while run_end < chunks && is_zero(chunk_slice(&data, run_end, chunk_bytes)) == zero {
-                run_end += 1;
-            }
-            let byte_start = run_start * chunk_bytes;
-            let byte_end = (run_end * chunk_bytes).min(data.len());
-            let chunk = first_chunk + run_start as u64;
-            let count = (run_end - run_start) as u32;
-
+        let chunk_bytes = u64::from(self.config.chunk_bytes);
+        debug_assert_eq!(offset % chunk_bytes, 0);
+        let first_chunk = offset / chunk_bytes;
+        for run in block.runs() {
+            let chunk = first_chunk + run.chunks.start as u64;
+            let count = run.chunks.len() as u32;
             let stream = match self.mirror_stream() {
                 Some(mirror) if !bulk => mirror,
                 _ => self.stream_for(disk, offset),
             };
-            let frame = if zero {
-                self.progress.bytes_zero += (byte_end - byte_start) as u64;
-                Transmit::Zero {
-                    stream,
-                    disk,
-                    chunk,
-                    chunk_count: count,
-                    generation,
+            let data = block.run_bytes(run);
+            let bytes = data.len() as u64;
+            let frame = match run.crc32 {
+                None => {
+                    self.progress.bytes_zero += bytes;
+                    Transmit::Zero {
+                        stream,
+                        disk,
+                        chunk,
+                        chunk_count: count,
+                        generation,
+                    }
                 }
-            } else {
-                self.progress.bytes_data += (byte_end - byte_start) as u64;
-                Transmit::Data {
-                    stream,
-                    disk,
-                    chunk,
-                    chunk_count: count,
-                    generation,
-                    data: data.slice(byte_start..byte_end),
+                Some(crc32) => {
+                    self.progress.bytes_data += bytes;
+                    Transmit::Data {
+                        stream,
+                        disk,
+                        chunk,
+                        chunk_count: count,
+                        generation,
+                        data,
+                        crc32,
+                    }
                 }
             };
             if bulk || self.phase == Phase::Iterating && !self.mirroring {
@@ -2182,9 +2193,8 @@ impl SourceMigration {
                 self.transmit.push_front(frame);
             }
             if bulk_read {
-                self.progress.bytes_done += (byte_end - byte_start) as u64;
+                self.progress.bytes_done += bytes;
             }
-            run_start = run_end;
         }
     }
 
@@ -2437,11 +2447,6 @@ fn live_stalled(machine: &SourceMigration) -> u32 {
         .live
         .as_ref()
         .map_or(0, |live| live.stalled_harvests_max)
-}
-
-fn chunk_slice(data: &[u8], chunk: usize, chunk_bytes: usize) -> &[u8] {
-    let start = chunk * chunk_bytes;
-    &data[start..(start + chunk_bytes).min(data.len())]
 }
 
 /// A short name of a control message, for errors.

@@ -23,7 +23,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use std::time::{Duration, Instant};
 
 use tern_engine::bitmap::DirtyBitmap;
-use tern_engine::digest::digest;
+use tern_engine::digest::{ReadBlock, digest};
 use tern_engine::source::ReadRequest;
 use tern_engine::source::{LiveConfig, LiveMode};
 use tern_engine::target::Kept;
@@ -426,15 +426,22 @@ impl World {
                     chunk_count,
                     generation,
                     data,
+                    crc32,
                 } => {
                     let compression = if self.rng.random() {
                         Compression::Zstd(1)
                     } else {
                         Compression::Off
                     };
-                    let frame =
-                        self.encoder
-                            .data(disk, chunk, chunk_count, generation, data, compression);
+                    let frame = self.encoder.data(
+                        disk,
+                        chunk,
+                        chunk_count,
+                        generation,
+                        data,
+                        crc32,
+                        compression,
+                    );
                     self.to_target_data[stream as usize].push_back(frame);
                 }
                 Transmit::Zero {
@@ -631,7 +638,9 @@ impl World {
                 let data = Bytes::copy_from_slice(
                     &disk[read.offset as usize..read.offset as usize + read.len as usize],
                 );
-                self.source.handle_read_done(read.token, data);
+                let chunk_bytes = u64::from(self.restart_config.chunk_bytes);
+                self.source
+                    .handle_read_done(read.token, ReadBlock::new(data, chunk_bytes));
             }
             4 => {
                 let index = self.rng.random_range(0..self.target_ios.len());
@@ -1085,7 +1094,7 @@ fn a_digest_mismatch_names_the_byte_range() {
     drain_controls(&mut source, &mut sent);
     let read = source.poll_io().expect("one read");
     let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
-    source.handle_read_done(read.token, Bytes::from(data.clone()));
+    source.handle_read_done(read.token, ReadBlock::new(Bytes::from(data.clone()), chunk));
     drain_controls(&mut source, &mut sent);
     // The target answers summaries in order behind barriers (FEATURE_ORDERED_SUMMARY): the
     // request goes right behind the final barrier, not a round trip later.
@@ -1207,7 +1216,10 @@ fn an_older_target_is_asked_for_the_summary_after_the_barrier() {
     ));
     drain_controls(&mut source, &mut sent);
     let read = source.poll_io().expect("one read");
-    source.handle_read_done(read.token, Bytes::from(vec![9u8; 4096]));
+    source.handle_read_done(
+        read.token,
+        ReadBlock::new(Bytes::from(vec![9u8; 4096]), 4096),
+    );
     drain_controls(&mut source, &mut sent);
     let Some(Control::Barrier { id, .. }) = sent.last().cloned() else {
         panic!("expected the barrier last, sent {sent:?}")
@@ -1255,6 +1267,11 @@ fn live_auto_source(size: u64) -> SourceMigration {
             allocated: std::iter::once(0..size).collect(),
         }],
     )
+}
+
+/// A block read by a source of the default chunk size.
+fn default_chunks(data: Bytes) -> ReadBlock {
+    ReadBlock::new(data, u64::from(SourceConfig::default().chunk_bytes))
 }
 
 /// A target that accepted a fresh session of one 8 KiB disk in 4 KiB chunks.
@@ -1313,7 +1330,7 @@ fn bulk_pass_with_a_guest(dirtied: impl Fn(u64) -> u64) -> (bool, Vec<SourceEven
             continue;
         };
         now += Duration::from_millis(10);
-        source.handle_read_done(read.token, block.slice(..read.len as usize));
+        source.handle_read_done(read.token, default_chunks(block.slice(..read.len as usize)));
         events.extend(std::iter::from_fn(|| source.poll_event()));
     }
     events.extend(std::iter::from_fn(|| source.poll_event()));
@@ -1376,7 +1393,7 @@ fn an_idle_guest_is_never_mirrored_or_throttled_while_the_tail_waits_for_its_bar
         }
         while source.poll_transmit().is_some() {}
         if let Some(read) = source.poll_io() {
-            source.handle_read_done(read.token, block.slice(..read.len as usize));
+            source.handle_read_done(read.token, default_chunks(block.slice(..read.len as usize)));
         }
         events.extend(std::iter::from_fn(|| source.poll_event()));
         now += Duration::from_millis(1);

@@ -142,6 +142,7 @@ fn a_bad_crc_is_refused() {
         1,
         1,
         Bytes::from(vec![5u8; CHUNK_BYTES as usize]),
+        crc32fast::hash(&vec![5u8; CHUNK_BYTES as usize]),
         Compression::Off,
     );
     let mut payload = frame.payload.to_vec();
@@ -164,6 +165,7 @@ fn a_range_past_the_end_of_the_disk_is_refused() {
         1,
         1,
         Bytes::from(vec![1u8; CHUNK_BYTES as usize]),
+        crc32fast::hash(&vec![1u8; CHUNK_BYTES as usize]),
         Compression::Off,
     );
     check("data past the end", frame, "outside disk");
@@ -178,6 +180,7 @@ fn a_wrong_length_for_the_range_is_refused() {
         1,
         1,
         Bytes::from(vec![1u8; CHUNK_BYTES as usize / 2]),
+        crc32fast::hash(&vec![1u8; CHUNK_BYTES as usize / 2]),
         Compression::Off,
     );
     check("short data", frame, "carries");
@@ -233,6 +236,7 @@ fn zstd_frame_of_zeros(len: usize) -> Vec<u8> {
         16,
         1,
         Bytes::from(vec![0u8; len]),
+        crc32fast::hash(&vec![0u8; len]),
         Compression::Zstd(1),
     );
     assert!(frame.is_compressed());
@@ -259,6 +263,7 @@ fn fuzzed_frames_over_real_connections_never_write_outside_the_image() {
             1,
             5,
             Bytes::from(vec![7u8; CHUNK_BYTES as usize]),
+            crc32fast::hash(&vec![7u8; CHUNK_BYTES as usize]),
             Compression::Off,
         )),
         bytes_of(&encoder.data(
@@ -267,6 +272,7 @@ fn fuzzed_frames_over_real_connections_never_write_outside_the_image() {
             2,
             6,
             Bytes::from(vec![0x41u8; 2 * CHUNK_BYTES as usize]),
+            crc32fast::hash(&vec![0x41u8; 2 * CHUNK_BYTES as usize]),
             Compression::Zstd(1),
         )),
         bytes_of(&encode_zero(0, 10, 4, 7)),

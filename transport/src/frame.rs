@@ -252,11 +252,14 @@ impl Encoder {
         }
     }
 
-    /// Encodes a data frame. `data` must be non-empty and at most [`FRAME_RAW_BYTES_MAX`].
+    /// Encodes a data frame. `data` must be non-empty and at most [`FRAME_RAW_BYTES_MAX`];
+    /// `crc32` is its CRC32, computed by the caller where the bytes were read, so that it
+    /// covers them from the disk on (checked in debug builds).
     ///
     /// With [`Compression::Zstd`] the payload is compressed and sent compressed only when that
     /// saves at least [`COMPRESSION_SAVING_MIN_PERCENT`]. Returns the frame and whether it was
     /// compressed.
+    #[allow(clippy::too_many_arguments)] // the header's fields, as `ValidHeader` names them
     pub fn data(
         &mut self,
         disk: u32,
@@ -264,11 +267,13 @@ impl Encoder {
         chunk_count: u32,
         generation: u64,
         data: Bytes,
+        crc32: u32,
         compression: Compression,
     ) -> EncodedFrame {
         assert!(!data.is_empty() && data.len() <= FRAME_RAW_BYTES_MAX as usize);
         assert!(chunk_count > 0);
-        let crc = crc32fast::hash(&data);
+        debug_assert_eq!(crc32, crc32fast::hash(&data), "CRC32 of another payload");
+        let crc = crc32;
         let raw_len = data.len() as u32;
         if let Compression::Zstd(level) = compression
             && let Some(compressed) = self.compress(&data, level)
@@ -457,7 +462,14 @@ pub fn decode_header(bytes: &[u8]) -> Result<ValidHeader, DecodeError> {
 
 /// Decodes a frame's payload: decompresses (never beyond `raw_len`, itself bounded by
 /// [`FRAME_RAW_BYTES_MAX`]), and checks length and CRC.
-pub fn decode_frame(header: &ValidHeader, payload: Bytes) -> Result<Frame, DecodeError> {
+///
+/// A compressed payload is decompressed into `alloc(raw_len)` (a buffer of exactly that
+/// length, which it overwrites).
+pub fn decode_frame<B: PayloadBuf>(
+    header: &ValidHeader,
+    payload: Bytes,
+    alloc: impl FnOnce(usize) -> B,
+) -> Result<Frame, DecodeError> {
     if payload.len() != header.payload_len as usize {
         return Err(DecodeError::Truncated {
             needed: header.payload_len as usize,
@@ -467,18 +479,23 @@ pub fn decode_frame(header: &ValidHeader, payload: Bytes) -> Result<Frame, Decod
     let data = match header.codec {
         Codec::Raw => payload,
         Codec::Zstd => {
-            let mut out = Vec::with_capacity(header.raw_len as usize);
-            // zstd's bulk decompressor refuses to write past the buffer's capacity, which is
-            // what bounds a decompression bomb to `raw_len` bytes.
+            let mut out = alloc(header.raw_len as usize);
+            assert_eq!(
+                out.as_ref().len(),
+                header.raw_len as usize,
+                "allocator's length"
+            );
+            // zstd's bulk decompressor refuses to write past the buffer's end, which is what
+            // bounds a decompression bomb to `raw_len` bytes.
             let n = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(&payload, &mut out))
+                .and_then(|mut d| d.decompress_to_buffer(&payload, out.as_mut()))
                 .map_err(|e| DecodeError::Decompress(e.to_string()))?;
             if n != header.raw_len as usize {
                 return Err(DecodeError::Malformed(
                     "decompressed size differs from raw length",
                 ));
             }
-            Bytes::from(out)
+            Bytes::from_owner(out)
         }
     };
     if header.kind != FrameKind::Zero {
@@ -508,6 +525,19 @@ pub fn decode_frame(header: &ValidHeader, payload: Bytes) -> Result<Frame, Decod
     })
 }
 
+/// A buffer a frame's payload is read or decompressed into. The target's data streams use
+/// buffers its disk can write with O_DIRECT, so a payload's bytes are copied once, out of
+/// QUIC's packets; everything else uses `Vec<u8>`.
+pub trait PayloadBuf: AsRef<[u8]> + AsMut<[u8]> + Send + 'static {}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]> + Send + 'static> PayloadBuf for T {}
+
+/// A zeroed `Vec<u8>` of `len` bytes: the payload buffer of [`decode`] and of
+/// [`crate::FrameReader::new`].
+pub fn vec_payload(len: usize) -> Vec<u8> {
+    vec![0; len]
+}
+
 /// Decodes one whole frame from a byte slice (header and payload); used by tests and the
 /// fuzz target. Returns the frame and the number of bytes consumed.
 pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
@@ -519,7 +549,11 @@ pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
             got: bytes.len(),
         });
     }
-    let frame = decode_frame(&header, Bytes::copy_from_slice(&bytes[HEADER_BYTES..end]))?;
+    let frame = decode_frame(
+        &header,
+        Bytes::copy_from_slice(&bytes[HEADER_BYTES..end]),
+        vec_payload,
+    )?;
     Ok((frame, end))
 }
 
@@ -548,7 +582,8 @@ mod tests {
         let mut encoder = Encoder::new();
         for compression in [Compression::Off, Compression::Zstd(1)] {
             let data = Bytes::from(text(65536));
-            let frame = encoder.data(2, 7, 1, 99, data.clone(), compression);
+            let crc = crc32fast::hash(&data);
+            let frame = encoder.data(2, 7, 1, 99, data.clone(), crc, compression);
             let (decoded, used) = decode(&concat(&frame)).unwrap();
             assert_eq!(used, frame.wire_len());
             assert_eq!(
@@ -579,14 +614,17 @@ mod tests {
                 (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
             })
             .collect();
-        let frame = Encoder::new().data(0, 0, 1, 1, Bytes::from(data), Compression::Zstd(1));
+        let crc = crc32fast::hash(&data);
+        let frame = Encoder::new().data(0, 0, 1, 1, Bytes::from(data), crc, Compression::Zstd(1));
         let header = decode_header(&frame.header).unwrap();
         assert_eq!(header.codec, Codec::Raw);
     }
 
     #[test]
     fn bad_crc_is_rejected() {
-        let frame = Encoder::new().data(0, 0, 1, 1, Bytes::from(text(100)), Compression::Off);
+        let data = text(100);
+        let crc = crc32fast::hash(&data);
+        let frame = Encoder::new().data(0, 0, 1, 1, Bytes::from(data), crc, Compression::Off);
         let mut bytes = concat(&frame);
         bytes[HEADER_BYTES + 3] ^= 1;
         assert!(matches!(decode(&bytes), Err(DecodeError::BadCrc { .. })));
@@ -637,7 +675,7 @@ mod tests {
         });
         let header = decode_header(&bytes_header).unwrap();
         assert!(matches!(
-            decode_frame(&header, Bytes::from(payload)),
+            decode_frame(&header, Bytes::from(payload), vec_payload),
             Err(DecodeError::Decompress(_))
         ));
     }
@@ -665,14 +703,17 @@ mod tests {
             zstd in any::<bool>(),
         ) {
             let compression = if zstd { Compression::Zstd(1) } else { Compression::Off };
-            let frame = Encoder::new().data(disk, chunk, count, generation, Bytes::from(data.clone()), compression);
+            let crc = crc32fast::hash(&data);
+            let frame = Encoder::new().data(disk, chunk, count, generation, Bytes::from(data.clone()), crc, compression);
             let (decoded, _) = decode(&concat(&frame)).unwrap();
             prop_assert_eq!(decoded, Frame::Data { disk, chunk, chunk_count: count, generation, data: Bytes::from(data) });
         }
 
         #[test]
         fn single_bit_flips_never_pass_as_a_different_frame(flip in 0usize..(48 + 64) * 8) {
-            let frame = Encoder::new().data(1, 5, 1, 3, Bytes::from(text(64)), Compression::Off);
+            let data = text(64);
+            let crc = crc32fast::hash(&data);
+            let frame = Encoder::new().data(1, 5, 1, 3, Bytes::from(data), crc, Compression::Off);
             let mut bytes = concat(&frame);
             bytes[flip / 8] ^= 1 << (flip % 8);
             if let Ok((Frame::Data { data, .. }, _)) = decode(&bytes) {

@@ -19,8 +19,8 @@ pub use control::{Control, DiskInfo, ErrorCode, Hello, MirrorRange, Welcome};
 pub use error::{DecodeError, TransportError};
 pub use frame::{
     Codec, Compression, EncodedFrame, Encoder, FRAME_PAYLOAD_BYTES_MAX, FRAME_RAW_BYTES_MAX, Frame,
-    FrameKind, HEADER_BYTES, PROTOCOL_VERSION, ValidHeader, decode, decode_frame, decode_header,
-    encode_header, encode_zero,
+    FrameKind, HEADER_BYTES, PROTOCOL_VERSION, PayloadBuf, ValidHeader, decode, decode_frame,
+    decode_header, encode_header, encode_zero, vec_payload,
 };
 pub use identity::{Fingerprint, Identity};
 pub use quic::{

@@ -549,9 +549,9 @@ fn perform(
             data,
         } => {
             let device = &devices[disk as usize];
-            // One copy into an aligned buffer: O_DIRECT needs it, and the frame's bytes live
-            // in a buffer the transport allocated.
-            let buf = IoBuf::from_slice(&data);
+            // The transport read the payload into an aligned buffer (`read_frames`), so this
+            // is no copy: O_DIRECT writes straight from it.
+            let buf = IoBuf::from_bytes(data);
             device.submit(IoOp::Write { offset, buf }, done(token, disk));
         }
         TargetIo::WriteZeroes {
@@ -710,7 +710,7 @@ async fn accept_data_streams(
         };
         let failed = failed.clone();
         tokio::spawn(async move {
-            let mut reader = FrameReader::new(stream);
+            let mut reader = FrameReader::with_buffers(stream, IoBuf::for_overwrite);
             loop {
                 match reader.next().await {
                     Ok(Some((frame, _))) => {
