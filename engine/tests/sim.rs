@@ -1294,6 +1294,94 @@ fn target_of_8k(data_streams: u16, allocated: u64) -> TargetMigration {
         .0
 }
 
+/// The target keeps up to `BYTES_PENDING_MAX` of bulk data unwritten, but only
+/// `BYTES_PENDING_MIRRORING` once the source mirrors a guest write, until 64 MiB more were
+/// accepted without another mirror request.
+#[test]
+fn the_target_queues_less_bulk_data_while_the_source_mirrors() {
+    use tern_engine::target::{BYTES_PENDING_MAX, BYTES_PENDING_MIRRORING};
+    const MIB: u64 = 1 << 20;
+    let hello = tern_transport::Hello {
+        version: tern_transport::PROTOCOL_VERSION,
+        features: tern_transport::control::FEATURES_SUPPORTED,
+        session_id: [0; 16],
+        chunk_bytes: MIB as u32,
+        data_streams: 1,
+        disks: vec![tern_transport::DiskInfo {
+            size: 256 * MIB,
+            identity: "d".into(),
+            allocated: 256 * MIB,
+        }],
+        resume: false,
+    };
+    let mut target = TargetMigration::accept(&hello, &[256 * MIB], Kept::Nothing)
+        .unwrap()
+        .0;
+    let mut chunk = 0;
+    let mut generation = 0;
+    let mut send = |target: &mut TargetMigration| {
+        generation += 1;
+        target.handle_frame(
+            0,
+            Frame::Data {
+                disk: 0,
+                chunk,
+                chunk_count: 1,
+                generation,
+                data: Bytes::from(vec![1u8; MIB as usize]),
+            },
+        );
+        chunk += 1;
+    };
+    let mut writes = VecDeque::new();
+    let mut fill = |target: &mut TargetMigration, send: &mut dyn FnMut(&mut TargetMigration)| {
+        while target.can_accept_frame() {
+            send(target);
+            while let Some(io) = target.poll_io() {
+                if let TargetIo::Write { token, .. } = io {
+                    writes.push_back(token);
+                }
+            }
+        }
+        let pending = target.bytes_pending();
+        // Complete every write: the next fill starts from an empty queue.
+        while let Some(token) = writes.pop_front() {
+            target.handle_io_done(token);
+        }
+        pending
+    };
+    assert_eq!(target.bytes_pending_max(), BYTES_PENDING_MAX);
+    assert_eq!(fill(&mut target, &mut send), BYTES_PENDING_MAX);
+    target.handle_control(Control::MirrorRequest {
+        token: 1,
+        ranges: vec![tern_transport::MirrorRange {
+            disk: 0,
+            chunk: 0,
+            chunk_count: 1,
+            generation: 1,
+        }],
+    });
+    assert_eq!(target.bytes_pending_max(), BYTES_PENDING_MIRRORING);
+    // Fills of 4 MiB until 64 MiB were accepted; the fill that crosses the mark goes on to
+    // the large bound.
+    let mut small_fills = 0;
+    loop {
+        let pending = fill(&mut target, &mut send);
+        if pending == BYTES_PENDING_MAX {
+            break;
+        }
+        assert_eq!(pending, BYTES_PENDING_MIRRORING);
+        small_fills += 1;
+    }
+    assert_eq!(small_fills, 64 * MIB / BYTES_PENDING_MIRRORING - 1);
+    assert_eq!(target.bytes_pending_max(), BYTES_PENDING_MAX);
+    assert!(
+        target
+            .poll_event()
+            .is_none_or(|e| !matches!(e, TargetEvent::Failed(_)))
+    );
+}
+
 /// Runs a live `Auto` source's bulk pass over a 256 MiB disk, 10 ms per 1 MiB read, and at
 /// every count it asks for reports `dirtied(copied)` bytes dirty, `copied` being the bytes
 /// the pass has read.
