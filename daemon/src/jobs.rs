@@ -552,7 +552,7 @@ impl Jobs {
             export.hold().await;
         }
         let quiesced = started.elapsed();
-        let mut task = tokio::task::spawn_blocking(move || migration.switchover());
+        let mut task = tokio::spawn(migration.switchover_async());
         let joined = match timeout {
             None => task.await,
             Some(limit) => match tokio::time::timeout(limit, &mut task).await {

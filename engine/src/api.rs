@@ -101,7 +101,27 @@ struct State {
     finished: bool,
 }
 
-type Shared = Arc<(Mutex<State>, Condvar)>;
+/// The state and its change signals: a condvar for the blocking calls, a `Notify` for
+/// [`Migration::switchover_async`].
+#[derive(Debug, Default)]
+struct SharedState {
+    state: Mutex<State>,
+    changed: Condvar,
+    changed_async: tokio::sync::Notify,
+}
+
+impl SharedState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.notify_all();
+        self.changed_async.notify_waiters();
+    }
+}
+
+type Shared = Arc<SharedState>;
 
 /// A running live migration of one VM's disks (all of them converge, switch over and commit
 /// or roll back together).
@@ -236,25 +256,22 @@ impl Migration {
                         Some(hooks),
                     )
                     .await;
-                    {
-                        let (lock, condvar) = &*outcome_shared;
-                        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        state.outcome = Some(result.clone());
-                        condvar.notify_all();
-                    }
+                    outcome_shared.lock().outcome = Some(result.clone());
+                    outcome_shared.notify();
                     connection.close(0u32.into(), b"done");
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
                     let _ = forward.await;
                     result
                 });
-                let (lock, condvar) = &*thread_shared;
-                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(error) = &result {
-                    state.failed.get_or_insert(error.clone());
+                {
+                    let mut state = thread_shared.lock();
+                    if let Err(error) = &result {
+                        state.failed.get_or_insert(error.clone());
+                    }
+                    state.finished = true;
                 }
-                state.finished = true;
-                condvar.notify_all();
+                thread_shared.notify();
                 result
             })
             .map_err(|e| MigrationError::Transport(format!("spawn the migration thread: {e}")))?;
@@ -294,8 +311,7 @@ impl Migration {
     /// cannot converge (returns `NotConverging`, so the VMM can decide), failed, or `timeout`
     /// passed (`None`).
     pub fn wait_converged(&self, timeout: Duration) -> Result<Option<SourceEvent>, MigrationError> {
-        let (lock, condvar) = &*self.shared;
-        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (condvar, state) = (&self.shared.changed, self.shared.lock());
         let (state, _) = condvar
             .wait_timeout_while(state, timeout, |s| {
                 s.converged.is_none() && s.failed.is_none() && !s.finished
@@ -312,27 +328,58 @@ impl Migration {
     pub fn switchover(self) -> Result<Handoff, MigrationError> {
         let started = std::time::Instant::now();
         let _ = self.commands.send(Command::Switchover);
-        let (lock, condvar) = &*self.shared;
-        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (condvar, state) = (&self.shared.changed, self.shared.lock());
         let state = condvar
-            .wait_while(state, |s| {
-                s.switched_over.is_none() && s.failed.is_none() && !s.finished
-            })
+            .wait_while(state, |s| switchover_outcome(s).is_none())
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(error) = &state.failed {
-            return Err(error.clone());
-        }
-        let Some(SourceEvent::SwitchedOver { verified }) = state.switched_over else {
-            return Err(MigrationError::Protocol(
-                "migration ended without a switchover".into(),
-            ));
-        };
+        let outcome = switchover_outcome(&state).expect("waited for it");
         drop(state);
+        self.handoff(outcome, started)
+    }
+
+    /// [`Migration::switchover`] for a caller inside an async runtime (the daemon): the same
+    /// steps and result, awaited instead of blocking a thread, so the paused VM does not also
+    /// wait for two hops through a blocking thread pool.
+    pub async fn switchover_async(self) -> Result<Handoff, MigrationError> {
+        let started = std::time::Instant::now();
+        let _ = self.commands.send(Command::Switchover);
+        let outcome = loop {
+            // Registered before the state is looked at, so no change is missed in between.
+            let mut changed = std::pin::pin!(self.shared.changed_async.notified());
+            changed.as_mut().enable();
+            if let Some(outcome) = switchover_outcome(&self.shared.lock()) {
+                break outcome;
+            }
+            changed.await;
+        };
+        self.handoff(outcome, started)
+    }
+
+    fn handoff(
+        self,
+        outcome: Result<bool, MigrationError>,
+        started: std::time::Instant,
+    ) -> Result<Handoff, MigrationError> {
+        let verified = outcome?;
         Ok(Handoff {
             migration: self,
             downtime: started.elapsed(),
             verified,
         })
+    }
+}
+
+/// How a switchover ended (whether it verified), `None` while it runs.
+fn switchover_outcome(state: &State) -> Option<Result<bool, MigrationError>> {
+    if let Some(error) = &state.failed {
+        return Some(Err(error.clone()));
+    }
+    match state.switched_over {
+        Some(SourceEvent::SwitchedOver { verified }) => Some(Ok(verified)),
+        _ if state.finished => Some(Err(MigrationError::Protocol(
+            "migration ended without a switchover".into(),
+        ))),
+        _ => None,
     }
 }
 
@@ -375,8 +422,7 @@ impl Migration {
     /// downtime, after `commit`) does not wait for QUIC's close handshake.
     fn join(&mut self) -> Result<SourceReport, MigrationError> {
         let thread = self.thread.take().expect("joined once");
-        let (lock, condvar) = &*self.shared;
-        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (condvar, state) = (&self.shared.changed, self.shared.lock());
         let state = condvar
             .wait_while(state, |s| s.outcome.is_none() && !s.finished)
             .unwrap_or_else(|e| e.into_inner());
@@ -404,15 +450,16 @@ impl Drop for Migration {
 }
 
 fn update(shared: &Shared, event: &SourceEvent) {
-    let (lock, condvar) = &**shared;
-    let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-    match event {
-        SourceEvent::Converged { .. } | SourceEvent::NotConverging { .. } => {
-            state.converged.get_or_insert(event.clone());
+    {
+        let mut state = shared.lock();
+        match event {
+            SourceEvent::Converged { .. } | SourceEvent::NotConverging { .. } => {
+                state.converged.get_or_insert(event.clone());
+            }
+            SourceEvent::SwitchedOver { .. } => state.switched_over = Some(event.clone()),
+            SourceEvent::Failed(error) => state.failed = Some(error.clone()),
+            _ => return,
         }
-        SourceEvent::SwitchedOver { .. } => state.switched_over = Some(event.clone()),
-        SourceEvent::Failed(error) => state.failed = Some(error.clone()),
-        _ => return,
     }
-    condvar.notify_all();
+    shared.notify();
 }

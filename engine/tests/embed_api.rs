@@ -126,7 +126,14 @@ fn a_rollback_after_switchover_leaves_the_source_authoritative_and_the_target_in
     let config = MigrationConfig::new(target.address, source_id, target_id.fingerprint());
     let migration = Migration::start(vec![disk.clone()], config).unwrap();
     migration.wait_converged(Duration::from_secs(120)).unwrap();
-    let handoff = migration.switchover().unwrap();
+    // The async switchover (the daemon's), from inside a runtime.
+    let handoff = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(migration.switchover_async())
+        .unwrap();
+    assert!(handoff.verified);
     handoff.rollback().unwrap();
     assert!(
         target.thread.join().unwrap().is_err(),
