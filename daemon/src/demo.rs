@@ -368,6 +368,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             bitmaps: vec![disk.bitmap().clone()],
             throttles: vec![disk.throttle().clone()],
             mirrors: vec![disk.mirror().clone()],
+            bulk_devices: vec![disk.bulk_device().cloned()],
             commands: command_rx,
             events: event_tx,
         };

@@ -49,7 +49,8 @@ pub(crate) struct Args {
     bandwidth: Option<u64>,
     /// Page cache use for the disks: `none` opens them with O_DIRECT (like QEMU's
     /// cache=none; falls back to buffered IO where the file system refuses it), `writeback`
-    /// goes through the page cache.
+    /// goes through the page cache (a migration's bulk pass still reads past it, O_DIRECT,
+    /// where the file system allows).
     #[arg(long, default_value = "none", value_parser = ["none", "writeback"])]
     cache: String,
     /// Async worker threads for NBD and control.
@@ -112,8 +113,29 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         let device =
             BlockDevice::open(&path, &open).with_context(|| format!("open {}", path.display()))?;
         tracing::info!(disk = %name, path = %path.display(), size = device.size(), backend = ?device.kind(), direct = device.direct(), "disk opened");
-        let tracked = TrackedDisk::new(device, GRANULARITY_DEFAULT)
+        let mut tracked = TrackedDisk::new(device, GRANULARITY_DEFAULT)
             .expect("the default granularity is valid");
+        if !tracked.device().direct() {
+            // The guest writes through the page cache: a migration's bulk pass reads past it
+            // (no copy per byte, no eviction of the host's cache), where O_DIRECT works.
+            let direct = OpenOptions {
+                direct: true,
+                read_only: true,
+                ..open.clone()
+            };
+            match BlockDevice::open(&path, &direct) {
+                Ok(bulk) if bulk.direct() => {
+                    tracing::info!(disk = %name, "bulk-pass reads bypass the page cache (O_DIRECT)");
+                    tracked = tracked.with_bulk_reads_from(bulk);
+                }
+                Ok(_) => {
+                    tracing::info!(disk = %name, "bulk-pass reads use the page cache: O_DIRECT is refused here")
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %name, error = %e, "bulk-pass reads use the page cache")
+                }
+            }
+        }
         let export = Export::new(
             name.clone(),
             Arc::new(TrackedBackend(tracked.clone())),

@@ -200,6 +200,7 @@ impl Migration {
             bitmaps: disks.iter().map(|d| d.bitmap().clone()).collect(),
             throttles: disks.iter().map(|d| d.throttle().clone()).collect(),
             mirrors: disks.iter().map(|d| d.mirror().clone()).collect(),
+            bulk_devices: disks.iter().map(|d| d.bulk_device().cloned()).collect(),
             commands: command_rx,
             events: event_tx,
         };

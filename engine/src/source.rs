@@ -228,6 +228,9 @@ pub struct ReadRequest {
     pub offset: u64,
     /// Byte length (never past the disk's end).
     pub len: u32,
+    /// A read of the bulk pass: the first of these bytes, likely not in any cache. Re-reads
+    /// of dirty chunks and mirror reads are not: those bytes were just written.
+    pub bulk: bool,
 }
 
 /// Something to send.
@@ -1594,6 +1597,7 @@ impl SourceMigration {
                 disk,
                 offset: range.start,
                 len: (range.end - range.start) as u32,
+                bulk: false,
             });
         }
     }
@@ -1696,6 +1700,7 @@ impl SourceMigration {
                 disk: disk_index as u32,
                 offset: range.start,
                 len: (range.end - range.start) as u32,
+                bulk: true,
             });
         }
         assert!(self.copy_reads_in_flight() <= self.config.reads_in_flight_max);
@@ -1730,6 +1735,7 @@ impl SourceMigration {
                 disk,
                 offset: range.start,
                 len: (range.end - range.start) as u32,
+                bulk: false,
             });
         }
     }

@@ -459,6 +459,12 @@ impl World {
             }
         }
         while let Some(read) = self.source.poll_io() {
+            // Only the bulk pass's first reads may bypass the page cache (a real driver
+            // reads them O_DIRECT under a writeback-cached guest).
+            assert!(
+                !read.bulk || self.source.progress().phase == "bulk",
+                "bulk read outside the bulk pass: {read:?}"
+            );
             self.source_reads.push(read);
         }
         while let Some((token, mirrored)) = self.source.poll_mirrored() {
