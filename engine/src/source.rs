@@ -28,7 +28,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern_transport::control::{FEATURES_REQUIRED, FEATURES_SUPPORTED};
-use tern_transport::{Control, DiskInfo, ErrorCode, Hello, PROTOCOL_VERSION};
+use tern_transport::{
+    Compression, Control, DiskInfo, EncodedFrame, Encoder, ErrorCode, Hello, PROTOCOL_VERSION,
+    encode_zero,
+};
 
 use crate::digest::{ReadBlock, summary, zero_digest};
 
@@ -279,10 +282,48 @@ impl Transmit {
         }
     }
 
-    fn queued_bytes(&self) -> usize {
+    /// Disk bytes the frame carries (0 for zero ranges and control messages).
+    pub fn data_bytes(&self) -> usize {
         match self {
             Transmit::Data { data, .. } => data.len(),
             _ => 0,
+        }
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.data_bytes()
+    }
+
+    /// The frame of a data or zero-range transmit, a data payload compressed with
+    /// `compression` where that saves enough; `None` for a control message (those go on the
+    /// control stream, encoded with [`Control::encode`]).
+    pub fn encode(self, encoder: &mut Encoder, compression: Compression) -> Option<EncodedFrame> {
+        match self {
+            Transmit::Control(_) => None,
+            Transmit::Data {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                data,
+                crc32,
+                ..
+            } => Some(encoder.data(
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                data,
+                crc32,
+                compression,
+            )),
+            Transmit::Zero {
+                disk,
+                chunk,
+                chunk_count,
+                generation,
+                ..
+            } => Some(encode_zero(disk, chunk, chunk_count, generation)),
         }
     }
 }

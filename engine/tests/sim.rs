@@ -31,7 +31,7 @@ use tern_engine::{
     MigrationError, SourceConfig, SourceDisk, SourceEvent, SourceMigration, TargetEvent, TargetIo,
     TargetMigration, Transmit, VerifyMode,
 };
-use tern_transport::{Compression, Control, EncodedFrame, Encoder, Frame, decode, encode_zero};
+use tern_transport::{Compression, Control, EncodedFrame, Encoder, Frame, decode};
 
 /// Seeds that once failed; they run first, always.
 /// 178: a mirrored write into a hole block ahead of the bulk cursor was overwritten by the
@@ -419,43 +419,18 @@ impl World {
         while let Some(transmit) = self.source.poll_transmit() {
             match transmit {
                 Transmit::Control(message) => self.to_target_control.push_back(message.encode()),
-                Transmit::Data {
-                    stream,
-                    disk,
-                    chunk,
-                    chunk_count,
-                    generation,
-                    data,
-                    crc32,
-                } => {
+                frame => {
+                    let stream = frame.stream().expect("a data stream") as usize;
                     let compression = if self.rng.random() {
                         Compression::Zstd(1)
                     } else {
                         Compression::Off
                     };
-                    let frame = self.encoder.data(
-                        disk,
-                        chunk,
-                        chunk_count,
-                        generation,
-                        data,
-                        crc32,
-                        compression,
-                    );
-                    self.to_target_data[stream as usize].push_back(frame);
+                    let frame = frame
+                        .encode(&mut self.encoder, compression)
+                        .expect("a frame");
+                    self.to_target_data[stream].push_back(frame);
                 }
-                Transmit::Zero {
-                    stream,
-                    disk,
-                    chunk,
-                    chunk_count,
-                    generation,
-                } => self.to_target_data[stream as usize].push_back(encode_zero(
-                    disk,
-                    chunk,
-                    chunk_count,
-                    generation,
-                )),
             }
         }
         while let Some(read) = self.source.poll_io() {

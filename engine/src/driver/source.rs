@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tern_blockdev::{BlockDevice, IoOp};
 use tern_transport::quinn;
-use tern_transport::{Compression, Control, Encoder, FrameReader, FrameWriter, encode_zero};
+use tern_transport::{Compression, Control, Encoder, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, watch};
 
 use crate::bitmap::DirtyBitmap;
@@ -793,49 +793,23 @@ async fn write_data(
 ) {
     let mut encoder = Encoder::new();
     while let Some(transmit) = rx.recv().await {
-        let (frame, raw_bytes) = match transmit {
-            Transmit::Data {
-                disk,
-                chunk,
-                chunk_count,
-                generation,
-                data,
-                crc32,
-                ..
-            } => {
-                let compress = policy
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .compress_next();
-                let compression = if compress {
-                    Compression::Zstd(ZSTD_LEVEL)
-                } else {
-                    Compression::Off
-                };
-                let raw_bytes = data.len() as u64;
-                let frame = encoder.data(
-                    disk,
-                    chunk,
-                    chunk_count,
-                    generation,
-                    data,
-                    crc32,
-                    compression,
-                );
-                if frame.is_compressed() {
-                    frames_compressed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                (frame, raw_bytes)
-            }
-            Transmit::Zero {
-                disk,
-                chunk,
-                chunk_count,
-                generation,
-                ..
-            } => (encode_zero(disk, chunk, chunk_count, generation), 0),
-            Transmit::Control(_) => unreachable!("control goes on the control stream"),
+        let raw_bytes = transmit.data_bytes() as u64;
+        let compress = raw_bytes > 0
+            && policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .compress_next();
+        let compression = if compress {
+            Compression::Zstd(ZSTD_LEVEL)
+        } else {
+            Compression::Off
         };
+        let frame = transmit
+            .encode(&mut encoder, compression)
+            .expect("control goes on the control stream");
+        if frame.is_compressed() {
+            frames_compressed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         // The operator's bandwidth cap: wait for the frame's bytes (a timer, not a lock).
         let now = Instant::now();
         let bytes = frame.wire_len() as u64;
