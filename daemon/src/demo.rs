@@ -370,7 +370,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             mirrors: vec![disk.mirror().clone()],
             bulk_devices: vec![disk.bulk_device().cloned()],
             commands: command_rx,
-            events: event_tx,
+            events: event_tx.into(),
         };
         let copied = crate::migrate::copy(
             vec![(device.clone(), "source.img".into())],

@@ -22,7 +22,9 @@ use tern_transport::{Fingerprint, Identity, TransportTuning, connect};
 use tokio::sync::{mpsc, watch};
 
 use crate::compression::CompressionMode;
-use crate::driver::{Command, LiveHooks, Reconnect, SourceOptions, SourceReport, run_source};
+use crate::driver::{
+    Command, EventSink, LiveHooks, Reconnect, SourceOptions, SourceReport, run_source,
+};
 use crate::error::MigrationError;
 use crate::source::{LiveConfig, LiveMode, SourceConfig, SourceEvent, SourceProgress, VerifyMode};
 use crate::throttle::Throttle;
@@ -162,7 +164,6 @@ impl Migration {
             }
         }
         let (command_tx, command_rx) = mpsc::unbounded_channel();
-        let (event_tx, mut event_rx) = mpsc::unbounded_channel::<SourceEvent>();
         let (user_tx, user_rx) = std::sync::mpsc::channel();
         let bytes_total = disks.iter().map(TrackedDisk::size).sum();
         let (progress_tx, progress_rx) = watch::channel(SourceProgress {
@@ -202,7 +203,16 @@ impl Migration {
             mirrors: disks.iter().map(|d| d.mirror().clone()).collect(),
             bulk_devices: disks.iter().map(|d| d.bulk_device().cloned()).collect(),
             commands: command_rx,
-            events: event_tx,
+            // Recorded on the migration's thread as they happen: a switchover's outcome wakes
+            // the waiting VMM thread directly (see `EventSink`).
+            events: EventSink::new({
+                let shared = shared.clone();
+                let user_tx = user_tx.clone();
+                move |event| {
+                    update(&shared, &event);
+                    let _ = user_tx.send(event);
+                }
+            }),
         };
         let devices: Vec<_> = disks
             .iter()
@@ -224,15 +234,8 @@ impl Migration {
                     .enable_all()
                     .build()
                     .map_err(|e| MigrationError::Transport(format!("runtime: {e}")))?;
-                let forward_shared = thread_shared.clone();
                 let outcome_shared = thread_shared.clone();
                 let result = runtime.block_on(async move {
-                    let forward = tokio::spawn(async move {
-                        while let Some(event) = event_rx.recv().await {
-                            update(&forward_shared, &event);
-                            let _ = user_tx.send(event);
-                        }
-                    });
                     let tuning = config.tuning;
                     let (endpoint, connection) =
                         connect(config.target, &config.identity, config.peer, &tuning)
@@ -262,7 +265,8 @@ impl Migration {
                     connection.close(0u32.into(), b"done");
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-                    let _ = forward.await;
+                    // The event stream ends (for the VMM's reader) after the outcome is set.
+                    drop(user_tx);
                     result
                 });
                 {

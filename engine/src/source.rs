@@ -1792,24 +1792,33 @@ impl SourceMigration {
     /// the guest dirtied data against how fast the pass sent it (and a hopeless case acts
     /// at once instead of after a wasted pass).
     ///
-    /// It is also where the machine does work that can wait for the driver to have sent what
-    /// was queued: once the final barrier is out, the summaries of this side's digest tables
-    /// (final by then) are computed while the target flushes, not after its answer arrives
-    /// (measured: ~0.4 ms of a 1.7 ms downtime).
+    /// It is also where the machine does work that can wait for what was queued to be on its
+    /// way (see [`SourceMigration::has_deferred_work`]): once the final barrier is out, the
+    /// summaries of this side's digest tables (final by then) are computed while the target
+    /// flushes, not after its answer arrives (measured: ~0.4 ms of a 1.7 ms downtime).
     pub fn handle_time(&mut self, now: Instant) {
         if self.pass.started.is_none() && self.phase == Phase::Bulk && self.config.live.is_some() {
             self.pass.started = Some(now);
         }
-        if matches!(self.phase, Phase::Flush { .. })
-            && self.summaries_requested
-            && self.transmit.is_empty()
-        {
+        if self.has_deferred_work() {
             for disk in &mut self.disks {
                 if disk.summary.is_none() {
                     disk.summary = Some(disk.digest_summary());
                 }
             }
         }
+    }
+
+    /// True when the next [`SourceMigration::handle_time`] will compute (for ~0.1 ms) what
+    /// only matters once the peer answers. A driver lets its transport send what was queued
+    /// first: a control message handed to a QUIC stream is only on the wire once the
+    /// connection's task has run (measured: the final barrier left 0.17 ms late when the
+    /// summaries were computed first).
+    pub fn has_deferred_work(&self) -> bool {
+        matches!(self.phase, Phase::Flush { .. })
+            && self.summaries_requested
+            && self.transmit.is_empty()
+            && self.disks.iter().any(|disk| disk.summary.is_none())
     }
 
     /// `Auto`, during the bulk pass, while writes are not mirrored yet: true when the driver

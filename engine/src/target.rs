@@ -209,8 +209,12 @@ pub struct TargetMigration {
     /// per stream, and once those counts arrived, the sequence number of the last frame then
     /// received: the barrier covers every frame up to it).
     barriers: VecDeque<(u64, Vec<u64>, Option<u64>)>,
-    /// Digest summary requests waiting for a barrier: (barrier id, disk), in arrival order.
-    summaries_waiting: VecDeque<(u64, u32)>,
+    /// Digest summary requests waiting for a barrier: (barrier id, disk, and the summary once
+    /// computed), in arrival order. A summary is computed as soon as its barrier's flush is
+    /// issued — every frame the barrier covers is written by then, so the table is final for
+    /// them — and sent once the flush completes: the flush (~0.1–0.2 ms) hides the
+    /// computation (~0.08 ms for 2 GiB), which otherwise delayed the final `BarrierDone`.
+    summaries_waiting: VecDeque<(u64, u32, Option<u128>)>,
     flushes_pending: usize,
     /// Sequence number of the last frame received (frames are numbered from 1 on arrival).
     last_seq: u64,
@@ -423,8 +427,15 @@ impl TargetMigration {
     }
 
     /// The next IO to perform.
+    ///
+    /// Once it returns `None` the driver has issued every IO, and the machine computes what
+    /// can run while one of them does (the digest summaries behind a flush).
     pub fn poll_io(&mut self) -> Option<TargetIo> {
-        self.io.pop_front()
+        let io = self.io.pop_front();
+        if io.is_none() {
+            self.compute_ready_summaries();
+        }
+        io
     }
 
     /// The next event.
@@ -577,7 +588,7 @@ impl TargetMigration {
                         if self.summaries_waiting.len() >= SUMMARIES_WAITING_MAX {
                             return self.protocol_error("too many digest summaries waiting".into());
                         }
-                        self.summaries_waiting.push_back((barrier, disk));
+                        self.summaries_waiting.push_back((barrier, disk, None));
                     }
                     None => self.answer_summary(disk),
                 }
@@ -665,12 +676,14 @@ impl TargetMigration {
                         .pop_front()
                         .expect("a flush belongs to a barrier");
                     self.transmit.push_back(Control::BarrierDone { id });
-                    while let Some(&(barrier, disk)) = self.summaries_waiting.front() {
+                    while let Some(&(barrier, disk, computed)) = self.summaries_waiting.front() {
                         if barrier != id {
                             break;
                         }
                         self.summaries_waiting.pop_front();
-                        self.answer_summary(disk);
+                        let digest = computed.unwrap_or_else(|| self.summary(disk));
+                        self.transmit
+                            .push_back(Control::DigestSummary { disk, digest });
                     }
                     self.check_barrier();
                 }
@@ -936,9 +949,34 @@ impl TargetMigration {
 
     /// Sends the summary of `disk`'s table of written digests (`disk` was checked).
     fn answer_summary(&mut self, disk: u32) {
-        let digest = summary(self.disks[disk as usize].digest.iter().copied());
+        let digest = self.summary(disk);
         self.transmit
             .push_back(Control::DigestSummary { disk, digest });
+    }
+
+    /// The summary of `disk`'s table of written digests (`disk` was checked).
+    fn summary(&self, disk: u32) -> u128 {
+        summary(self.disks[disk as usize].digest.iter().copied())
+    }
+
+    /// Computes the summaries that wait for the front barrier once its flush is issued (see
+    /// `summaries_waiting`; called when the driver took every IO, the flush included).
+    fn compute_ready_summaries(&mut self) {
+        if self.flushes_pending == 0 || !self.io.is_empty() {
+            return;
+        }
+        let Some(&(front, _, _)) = self.barriers.front() else {
+            return;
+        };
+        for index in 0..self.summaries_waiting.len() {
+            let (barrier, disk, computed) = self.summaries_waiting[index];
+            if barrier != front {
+                break;
+            }
+            if computed.is_none() {
+                self.summaries_waiting[index].2 = Some(self.summary(disk));
+            }
+        }
     }
 
     /// Serves the front barrier: once every frame it counts arrived, it covers the frames

@@ -1173,6 +1173,81 @@ fn the_target_answers_a_summary_behind_a_barrier_only_once_the_barrier_is_done()
     );
 }
 
+/// A summary behind a barrier is computed once the driver has issued the barrier's flush
+/// (the flush hides the computation) and sent once the flush completes: it is the table of
+/// the frames the barrier covers, whatever arrives while the flush runs.
+#[test]
+fn the_target_computes_a_summary_while_the_barrier_flushes() {
+    let frame = |chunk: u64, byte: u8| Frame::Data {
+        disk: 0,
+        chunk,
+        chunk_count: 1,
+        generation: 1,
+        data: Bytes::from(vec![byte; 4096]),
+    };
+    let transmitted = |target: &mut TargetMigration| -> Vec<Control> {
+        std::iter::from_fn(|| target.poll_transmit()).collect()
+    };
+    // What the summary of a table holding only chunk 1's frame is.
+    let mut reference = target_of_8k(1, 8192);
+    reference.handle_frame(0, frame(1, 5));
+    while let Some(io) = reference.poll_io() {
+        if let TargetIo::Write { token, .. } = io {
+            reference.handle_io_done(token);
+        }
+    }
+    transmitted(&mut reference);
+    reference.handle_control(Control::DigestSummaryRequest { disk: 0 });
+    let [
+        Control::DigestSummary {
+            digest: expected, ..
+        },
+    ] = transmitted(&mut reference)[..]
+    else {
+        panic!("no summary")
+    };
+
+    let mut target = target_of_8k(1, 8192);
+    transmitted(&mut target);
+    target.handle_frame(0, frame(1, 5));
+    target.handle_control(Control::Barrier {
+        id: 3,
+        frames: vec![1],
+    });
+    target.handle_control(Control::DigestSummaryRequest { disk: 0 });
+    let Some(TargetIo::Write { token, .. }) = target.poll_io() else {
+        panic!("the frame is written first")
+    };
+    assert_eq!(target.poll_io(), None);
+    target.handle_io_done(token);
+    let Some(TargetIo::Flush { token: flush, .. }) = target.poll_io() else {
+        panic!("then the barrier's flush")
+    };
+    // The driver issued everything: the summary is computed now, while the flush runs.
+    assert_eq!(target.poll_io(), None);
+    // A frame behind the barrier arrives and is written meanwhile.
+    target.handle_frame(0, frame(0, 9));
+    while let Some(io) = target.poll_io() {
+        if let TargetIo::Write { token, .. } = io {
+            target.handle_io_done(token);
+        }
+    }
+    assert_eq!(
+        transmitted(&mut target),
+        vec![],
+        "answered before the flush completed"
+    );
+    target.handle_io_done(flush);
+    let [
+        Control::BarrierDone { id: 3 },
+        Control::DigestSummary { disk: 0, digest },
+    ] = transmitted(&mut target)[..]
+    else {
+        panic!("expected BarrierDone then the summary")
+    };
+    assert_eq!(digest, expected, "the summary is not the barrier's table");
+}
+
 /// Against a target without `FEATURE_ORDERED_SUMMARY` the source asks for the summary only
 /// after the final barrier is done.
 #[test]

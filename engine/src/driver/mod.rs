@@ -6,7 +6,9 @@
 pub mod source;
 pub mod target;
 
-pub use source::{Command, LiveHooks, Reconnect, SourceOptions, SourceReport, run_source};
+pub use source::{
+    Command, EventSink, LiveHooks, Reconnect, SourceOptions, SourceReport, run_source,
+};
 pub use target::{
     OnAccepted, OnComplete, TargetHooks, TargetReport, incomplete_marker, run_target,
     run_target_with, serve_one, serve_one_with,

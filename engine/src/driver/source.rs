@@ -107,8 +107,41 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// One connection attempt may take this long (handshake included).
 const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where the driver hands each event of the machine, on its own thread, as it happens: a
+/// channel, or a function. The embedding API records a switchover's outcome in a function,
+/// which wakes the VMM's waiting thread without a task hop in between (measured: a hop
+/// through a forwarding task cost ~0.1 ms of a ~1 ms storage downtime).
+pub struct EventSink(Box<dyn FnMut(SourceEvent) + Send>);
+
+impl EventSink {
+    /// A sink that calls `f` with every event. `f` runs on the migration's thread while the
+    /// VM may be paused: it must not block.
+    pub fn new(f: impl FnMut(SourceEvent) + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    fn emit(&mut self, event: SourceEvent) {
+        (self.0)(event)
+    }
+}
+
+impl From<mpsc::UnboundedSender<SourceEvent>> for EventSink {
+    /// Sends every event to the channel (events after the receiver is gone are dropped).
+    fn from(tx: mpsc::UnboundedSender<SourceEvent>) -> Self {
+        Self::new(move |event| {
+            let _ = tx.send(event);
+        })
+    }
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
+}
+
 /// What a live migration adds to a copy: the dirty bitmaps guest writes mark, commands from
-/// the embedding VMM, and a channel for the machine's events.
+/// the embedding VMM, and a sink for the machine's events.
 #[derive(Debug)]
 pub struct LiveHooks {
     /// One bitmap per disk, in disk order, with the chunk size as granularity.
@@ -116,7 +149,7 @@ pub struct LiveHooks {
     /// Commands from the VMM or the operator.
     pub commands: mpsc::UnboundedReceiver<Command>,
     /// Every event of the machine, as it happens.
-    pub events: mpsc::UnboundedSender<SourceEvent>,
+    pub events: EventSink,
     /// One write throttle per disk (in disk order), set by `ModeChanged` events and lifted
     /// when the migration ends.
     pub throttles: Vec<Arc<Throttle>>,
@@ -306,7 +339,7 @@ pub async fn run_source(
         .as_ref()
         .map(|hooks| hooks.bulk_devices.clone())
         .unwrap_or_default();
-    let (bitmaps, mut commands, events, throttles, mirrors) = match live {
+    let (bitmaps, mut commands, mut events, throttles, mirrors) = match live {
         Some(hooks) => {
             assert_eq!(hooks.bitmaps.len(), disks.len(), "one bitmap per disk");
             for bitmap in &hooks.bitmaps {
@@ -432,6 +465,11 @@ pub async fn run_source(
             chunk_bytes,
             &input_tx,
         );
+        if machine.has_deferred_work() {
+            // quinn's connection task sends what the loop above queued (the final barrier)
+            // only when it runs: let it, before the machine computes.
+            tokio::task::yield_now().await;
+        }
         machine.handle_time(Instant::now());
         if machine.wants_dirty_count(Instant::now()) {
             let dirty = bitmaps.iter().map(|bitmap| bitmap.dirty_bytes()).sum();
@@ -448,8 +486,8 @@ pub async fn run_source(
         }
         let mut finished = None;
         while let Some(event) = machine.poll_event() {
-            if let Some(events) = &events {
-                let _ = events.send(event.clone());
+            if let Some(events) = &mut events {
+                events.emit(event.clone());
             }
             match event {
                 SourceEvent::Completed(summary) => finished = Some(Ok(summary)),
@@ -489,7 +527,7 @@ pub async fn run_source(
                     }
                 }
                 SourceEvent::BulkDone => tracing::info!("bulk pass sent"),
-                SourceEvent::Flushed => tracing::info!("target flushed"),
+                SourceEvent::Flushed => tracing::debug!("target flushed"),
                 SourceEvent::ModeChanged {
                     mirroring,
                     throttle_bytes_per_s,
