@@ -439,7 +439,10 @@ impl Jobs {
                     }),
                 )
             }
-            SourceEvent::Flushed => ("target-flushed", json!({})),
+            // The engine passes events on only after the switchover's outcome (the VM is
+            // paused meanwhile): the switchover command reports the flush, before its
+            // outcome, so clients see the two in order.
+            SourceEvent::Flushed => return,
             SourceEvent::LinkDown { message } => ("link-down", json!({ "error": message })),
             SourceEvent::Resumed {
                 from_start,
@@ -601,6 +604,8 @@ impl Jobs {
                     "quiesce-ms": quiesced.as_secs_f64() * 1e3,
                     "verified": verified,
                 });
+                // A verified handoff implies the target flushed (see `on_engine_event`).
+                self.emit("target-flushed", json!({ "migration": id }));
                 self.emit("switched-over", data.clone());
                 if commit {
                     return self.commit(Some(id)).await;

@@ -101,6 +101,8 @@ struct State {
     /// and drained, so `commit` does not wait for QUIC's close handshake.
     outcome: Option<Result<SourceReport, MigrationError>>,
     finished: bool,
+    /// A switchover was asked for: until its outcome, events wait (see `EventForwarder`).
+    switching: bool,
 }
 
 /// The state and its change signals: a condvar for the blocking calls, a `Notify` for
@@ -206,12 +208,12 @@ impl Migration {
             // Recorded on the migration's thread as they happen: a switchover's outcome wakes
             // the waiting VMM thread directly (see `EventSink`).
             events: EventSink::new({
-                let shared = shared.clone();
-                let user_tx = user_tx.clone();
-                move |event| {
-                    update(&shared, &event);
-                    let _ = user_tx.send(event);
-                }
+                let mut forwarder = EventForwarder {
+                    shared: shared.clone(),
+                    user_tx: user_tx.clone(),
+                    held: Vec::new(),
+                };
+                move |event| forwarder.forward(event)
             }),
         };
         let devices: Vec<_> = disks
@@ -332,6 +334,7 @@ impl Migration {
     /// comparison. Returns the handoff, or the error that keeps the source authoritative.
     pub fn switchover(self) -> Result<Handoff, MigrationError> {
         let started = std::time::Instant::now();
+        self.shared.lock().switching = true;
         let _ = self.commands.send(Command::Switchover);
         let (condvar, state) = (&self.shared.changed, self.shared.lock());
         let state = condvar
@@ -347,6 +350,7 @@ impl Migration {
     /// wait for two hops through a blocking thread pool.
     pub async fn switchover_async(self) -> Result<Handoff, MigrationError> {
         let started = std::time::Instant::now();
+        self.shared.lock().switching = true;
         let _ = self.commands.send(Command::Switchover);
         let outcome = loop {
             // Registered before the state is looked at, so no change is missed in between.
@@ -452,6 +456,51 @@ impl Drop for Migration {
             let _ = thread.join();
         }
     }
+}
+
+/// Records each event in the shared state and passes it on to the VMM's event stream, on the
+/// migration's thread.
+///
+/// From a switchover request to its outcome the VM is paused, and waking the VMM's event
+/// reader then costs the paused VM time: on a busy host the woken thread preempts the
+/// migration's (measured on 2 cores: the `Flushed` event's wake-up delayed the handling of
+/// the verification answer that had already arrived by ~70 µs of a ~0.7 ms downtime). So
+/// events wait until the outcome is recorded — which wakes the caller of `switchover`
+/// first — and then follow in their order.
+struct EventForwarder {
+    shared: Shared,
+    user_tx: std::sync::mpsc::Sender<SourceEvent>,
+    held: Vec<SourceEvent>,
+}
+
+impl EventForwarder {
+    fn forward(&mut self, event: SourceEvent) {
+        update(&self.shared, &event);
+        if switchover_pending(&self.shared.lock()) {
+            self.held.push(event);
+            return;
+        }
+        self.release();
+        let _ = self.user_tx.send(event);
+    }
+
+    fn release(&mut self) {
+        for event in self.held.drain(..) {
+            let _ = self.user_tx.send(event);
+        }
+    }
+}
+
+impl Drop for EventForwarder {
+    /// The engine ended: nothing waits any more.
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A switchover was asked for and has no outcome yet.
+fn switchover_pending(state: &State) -> bool {
+    state.switching && switchover_outcome(state).is_none()
 }
 
 fn update(shared: &Shared, event: &SourceEvent) {

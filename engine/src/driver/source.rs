@@ -598,7 +598,7 @@ pub async fn run_source(
             command = async { commands.as_mut().expect("guarded").recv().await }, if commands.is_some() => {
                 match command {
                     Some(Command::Switchover) => {
-                        tracing::info!("switchover: final pass");
+                        tracing::debug!("switchover: final pass");
                         switchover_started = Some(Instant::now());
                         machine.start_switchover();
                     }
