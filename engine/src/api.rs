@@ -517,3 +517,56 @@ fn update(shared: &Shared, event: &SourceEvent) {
     }
     shared.notify();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarder() -> (
+        EventForwarder,
+        Shared,
+        std::sync::mpsc::Receiver<SourceEvent>,
+    ) {
+        let shared: Shared = Arc::default();
+        let (user_tx, user_rx) = std::sync::mpsc::channel();
+        let forwarder = EventForwarder {
+            shared: shared.clone(),
+            user_tx,
+            held: Vec::new(),
+        };
+        (forwarder, shared, user_rx)
+    }
+
+    #[test]
+    fn events_wait_from_a_switchover_request_to_its_outcome_then_follow_in_order() {
+        let (mut forwarder, shared, events) = forwarder();
+        forwarder.forward(SourceEvent::Connected);
+        assert!(matches!(events.try_recv(), Ok(SourceEvent::Connected)));
+        shared.lock().switching = true;
+        forwarder.forward(SourceEvent::Flushed);
+        assert!(events.try_recv().is_err(), "woke the reader while paused");
+        forwarder.forward(SourceEvent::SwitchedOver { verified: true });
+        assert!(matches!(switchover_outcome(&shared.lock()), Some(Ok(true))));
+        let after: Vec<_> = events.try_iter().collect();
+        assert!(
+            matches!(
+                after[..],
+                [
+                    SourceEvent::Flushed,
+                    SourceEvent::SwitchedOver { verified: true }
+                ]
+            ),
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn held_events_are_delivered_when_the_engine_ends() {
+        let (mut forwarder, shared, events) = forwarder();
+        shared.lock().switching = true;
+        forwarder.forward(SourceEvent::Flushed);
+        assert!(events.try_recv().is_err());
+        drop(forwarder);
+        assert!(matches!(events.try_recv(), Ok(SourceEvent::Flushed)));
+    }
+}
