@@ -352,6 +352,9 @@ pub struct SourceProgress {
     /// Bytes queued again after lost links because the target had not confirmed them
     /// durable (a restart from zero counts the whole disk).
     pub bytes_requeued: u64,
+    /// Digest summaries that differed from the target's, so that the per-chunk digests were
+    /// fetched to find the differing chunks (0 unless the target's bytes differ).
+    pub summary_mismatches: u64,
     /// Name of the current phase.
     pub phase: &'static str,
 }
@@ -1124,6 +1127,7 @@ impl SourceMigration {
                     self.maybe_finish_verify();
                 } else {
                     // Find and name the differing chunks.
+                    self.progress.summary_mismatches += 1;
                     let request = self.digest_request(disk);
                     self.push_transmit(Transmit::Control(request));
                 }
