@@ -1813,6 +1813,22 @@ impl SourceMigration {
         }
     }
 
+    /// Converged, the VMM switches over next: the summaries of the digest tables are
+    /// computed now, while the guest runs, and kept unless a digest changes before the
+    /// switchover (any change drops them). An idle disk then computes nothing while paused
+    /// (measured, 64 GiB sparse disk: the source's summary of 2^20 chunks took 4.2 ms of a
+    /// 4.4 ms downtime, longer than the target's flush).
+    fn summarize_ahead(&mut self) {
+        if self.config.verify != VerifyMode::Written {
+            return;
+        }
+        for disk in &mut self.disks {
+            if disk.summary.is_none() && disk.digests.iter().all(Option::is_some) {
+                disk.summary = Some(disk.digest_summary());
+            }
+        }
+    }
+
     /// True when the next [`SourceMigration::handle_time`] will compute (for ~0.1 ms) what
     /// only matters once the peer answers. A driver lets its transport send what was queued
     /// first: a control message handed to a QUIC stream is only on the wire once the
@@ -1988,6 +2004,7 @@ impl SourceMigration {
                         predicted_final_sync: predicted,
                         transfer_rate,
                     });
+                    self.summarize_ahead();
                 }
                 // Stalled: no harvest has improved on the smallest dirty set seen by 10 %.
                 let improved = (dirty_bytes as f64) < self.pass.best_dirty_bytes as f64 * 0.9;
