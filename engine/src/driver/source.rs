@@ -703,7 +703,19 @@ pub async fn run_source(
         super::target::close_with_error(&last_connection, error);
     }
     let summary = result?;
-    let bytes_wire = bytes_wire_closed + last_connection.stats().udp_tx.bytes;
+    let stats = last_connection.stats();
+    let bytes_wire = bytes_wire_closed + stats.udp_tx.bytes;
+    tracing::info!(
+        udp_datagrams = stats.udp_tx.datagrams,
+        udp_transmits = stats.udp_tx.ios,
+        lost_packets = stats.path.lost_packets,
+        lost_bytes = stats.path.lost_bytes,
+        congestion_events = stats.path.congestion_events,
+        rtt_us = stats.path.rtt.as_micros() as u64,
+        cwnd = stats.path.cwnd,
+        acks_received = stats.frame_rx.acks,
+        "connection statistics of the last link"
+    );
     // The target waits for us to close (it has sent its last word); after a reconnect the
     // caller only knows the first connection, so close the last one here.
     last_connection.close(0u32.into(), b"done");
