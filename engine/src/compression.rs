@@ -413,9 +413,9 @@ mod tests {
 
     #[test]
     fn auto_returns_to_compressing_after_a_congested_spell() {
-        // Compressing on a 1 Gbit/s link; congestion slows two windows, then the probe of
-        // not compressing catches a burst. Whatever it decides then, the slow windows must
-        // not keep it sending raw bytes once the link is back to normal.
+        // Compressing on a 1 Gbit/s link; congestion slows the link until `Auto` stops
+        // compressing, and the window after catches a burst. The slow windows must not keep
+        // it sending raw bytes once the link is back to normal.
         let mut policy = CompressionPolicy::new(CompressionMode::Auto);
         let mut now = Instant::now();
         let mut machine = Machine::new(105.0, 2000.0, 400.0);
