@@ -1,6 +1,8 @@
 //! The copy scenario: one seeded image copied over loopback by `qemu-img convert` into
 //! `qemu-nbd`, and by `tern migrate` into `tern serve` (compression `auto` and `zstd`),
-//! interleaved round by round so that drift of the machine hits every system alike.
+//! interleaved round by round so that drift of the machine hits every system alike, the order
+//! rotating from round to round: on a virtual disk the host may still be writing back the
+//! previous system's image, which would otherwise always slow the same successor.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -206,7 +208,7 @@ pub(crate) fn run(args: &CopyArgs) -> anyhow::Result<CopyResults> {
 
     let mut runs = Vec::new();
     for round in 1..=args.runs {
-        for system in System::ALL {
+        for system in round_order(round) {
             eprintln!(
                 "tern-bench: round {round}/{}: {}",
                 args.runs,
@@ -459,5 +461,30 @@ impl Bench {
         let summary: TernSummary = serde_json::from_str(line)
             .with_context(|| format!("parse tern migrate --json output {line:?}"))?;
         Ok((done.elapsed.as_secs_f64(), Some(summary), dropped))
+    }
+}
+
+/// The systems of round `round` (from 1): [`System::ALL`] rotated by one per round, so each
+/// system runs first, second and third equally often over every three rounds.
+fn round_order(round: u32) -> [System; 3] {
+    let mut order = System::ALL;
+    let places = order.len();
+    order.rotate_left((round.saturating_sub(1) as usize) % places);
+    order
+}
+
+#[cfg(test)]
+mod round_order_tests {
+    use super::*;
+
+    #[test]
+    fn each_system_takes_each_place_once_in_three_rounds() {
+        for (place, _) in System::ALL.iter().enumerate() {
+            let mut seen: Vec<System> = (1..=3).map(|r| round_order(r)[place]).collect();
+            seen.sort_by_key(|s| System::ALL.iter().position(|a| a == s));
+            assert_eq!(seen, System::ALL, "place {place}");
+        }
+        assert_eq!(round_order(1), System::ALL);
+        assert_eq!(round_order(4), System::ALL);
     }
 }

@@ -143,7 +143,7 @@ pub(crate) fn render(results: &CopyResults, analysis: &Analysis) -> String {
     let _ = writeln!(
         out,
         "Image: {mib:.0} MiB ({} bytes), mix `{}`, seed {}; {} round(s), systems interleaved \
-         within each round.  ",
+         within each round, their order rotating from round to round.  ",
         c.size_bytes, c.mix, c.seed, c.rounds
     );
     let (dropped, total) = analysis.caches_dropped;
