@@ -48,6 +48,20 @@ const STREAM_WINDOW_BYTES: u64 = 1 << 20;
 /// 2 GiB, the target's CPU 6.4 → 5.3 s, the source's 7.7 → 7.2 s, the same total time.
 const ACK_ELICITING_THRESHOLD: u32 = 31;
 
+/// The largest UDP payload a Tern endpoint sends or accepts; path MTU discovery (RFC 8899
+/// probing, DF set, no ICMP needed) searches up to it from QUIC's safe 1200. quinn's default
+/// stops at 1452 for Ethernet, but loopback (MTU 64 KiB) and the jumbo-frame networks storage
+/// traffic often runs on carry much larger packets, and nearly all of the per-byte CPU of a
+/// transfer is per packet (header protection, AEAD set-up, frame encoding, acknowledgement
+/// tracking, one kernel skb each). Why 6500 and not 9000 or 65527: quinn sends up to 10
+/// packets per GSO `sendmsg`, and one GSO send must fit an IP datagram (64 KiB); above
+/// 6550 the kernel refuses the batch and MTU discovery reads it as a black hole (measured
+/// with 8972: 84 packets lost and the MTU fell to 1200). Measured on loopback, a 2 GiB copy
+/// (`tern migrate --compress off`, AMD EPYC, 2 vCPUs): 1.10 M datagrams → 0.25 M, CPU of
+/// both ends 8.4 → 4.7 s; an Ethernet path settles at ~1452 as before, after a few lost
+/// probes that quinn does not count as congestion.
+pub const MAX_UDP_PAYLOAD_BYTES: u16 = 6500;
+
 /// Tuning for one connection.
 #[derive(Clone, Copy, Debug)]
 pub struct TransportTuning {
@@ -128,6 +142,11 @@ impl TransportTuning {
                 ack.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD));
                 ack
             }))
+            .mtu_discovery_config(Some({
+                let mut mtu = quinn::MtuDiscoveryConfig::default();
+                mtu.upper_bound(MAX_UDP_PAYLOAD_BYTES);
+                mtu
+            }))
             .keep_alive_interval(Some(self.idle_timeout / 4))
             .max_idle_timeout(Some(
                 self.idle_timeout
@@ -185,8 +204,11 @@ fn endpoint(
     let socket = udp_socket(addr)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| TransportError::Endpoint(std::io::Error::other("no async runtime")))?;
-    Endpoint::new(EndpointConfig::default(), server, socket, runtime)
-        .map_err(TransportError::Endpoint)
+    let mut config = EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD_BYTES)
+        .expect("1200 ≤ MAX_UDP_PAYLOAD_BYTES ≤ 65527");
+    Endpoint::new(config, server, socket, runtime).map_err(TransportError::Endpoint)
 }
 
 /// A listening target endpoint that accepts only the pinned source.
@@ -365,7 +387,8 @@ impl<B: PayloadBuf> FrameReader<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Congestion, TransportTuning};
+    use super::{Congestion, MAX_UDP_PAYLOAD_BYTES, TransportTuning, connect, listen};
+    use crate::identity::Identity;
 
     #[test]
     fn congestion_controllers_parse_print_and_refuse_others() {
@@ -382,5 +405,57 @@ mod tests {
             }
             .transport_config();
         }
+    }
+
+    /// Loopback's MTU is 64 KiB: path MTU discovery must climb from 1200 to our bound while
+    /// data flows (a real connection; the bytes sent are the budget, not a clock).
+    #[test]
+    fn mtu_discovery_reaches_the_bound_on_loopback() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let source = Identity::generate("source").unwrap();
+            let target = Identity::generate("target").unwrap();
+            let tuning = TransportTuning::default();
+            let server = listen(
+                "127.0.0.1:0".parse().unwrap(),
+                &target,
+                source.fingerprint(),
+                &tuning,
+            )
+            .unwrap();
+            let address = server.local_addr().unwrap();
+            let sink = tokio::spawn(async move {
+                let connection = server.accept().await.unwrap().await.unwrap();
+                let mut stream = connection.accept_uni().await.unwrap();
+                let received = stream.read_to_end(usize::MAX).await.unwrap().len();
+                (received, connection)
+            });
+            let (_client, connection) = connect(address, &source, target.fingerprint(), &tuning)
+                .await
+                .unwrap();
+            assert_eq!(connection.stats().path.current_mtu, 1200, "starts safe");
+            let mut stream = connection.open_uni().await.unwrap();
+            let block = vec![0x5a_u8; 64 << 10];
+            let mut sent = 0usize;
+            while connection.stats().path.current_mtu < MAX_UDP_PAYLOAD_BYTES && sent < 256 << 20 {
+                stream.write_all(&block).await.unwrap();
+                sent += block.len();
+            }
+            stream.finish().unwrap();
+            let (received, _server_connection) = sink.await.unwrap();
+            assert_eq!(received, sent);
+            let stats = connection.stats();
+            assert_eq!(
+                stats.path.current_mtu, MAX_UDP_PAYLOAD_BYTES,
+                "MTU after {sent} bytes"
+            );
+            assert_eq!(
+                stats.path.lost_packets, 0,
+                "no probe may be lost on loopback"
+            );
+        });
     }
 }

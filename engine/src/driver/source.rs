@@ -713,6 +713,7 @@ pub async fn run_source(
         congestion_events = stats.path.congestion_events,
         rtt_us = stats.path.rtt.as_micros() as u64,
         cwnd = stats.path.cwnd,
+        mtu = stats.path.current_mtu,
         acks_received = stats.frame_rx.acks,
         "connection statistics of the last link"
     );
