@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::huge;
+
 /// Alignment of every [`IoBuf`], in bytes.
 pub(crate) const BUF_ALIGN: usize = 4096;
 
@@ -35,6 +37,8 @@ pub struct IoBuf {
 enum Owner {
     /// Allocated with `alloc_zeroed(Layout(capacity, BUF_ALIGN))`.
     Heap,
+    /// A huge-page slot (see [`crate::huge`]); `capacity` is the whole slot.
+    Slot,
     /// Slot `index` of a registered pool; the `Arc` keeps the pool memory alive.
     Pool { pool: Arc<BufPool>, index: u16 },
     /// Aligned bytes that a `Bytes` keeps alive (see [`IoBuf::from_bytes`]); never written
@@ -69,6 +73,18 @@ impl IoBuf {
         // Round up so the allocation is never zero-sized (not allowed by `alloc`) and so a
         // whole number of pages is owned, which O_DIRECT reads may fill.
         let capacity = len.max(1).next_multiple_of(BUF_ALIGN);
+        if let Some((ptr, fresh)) = take_slot_for(capacity) {
+            if zero && !fresh {
+                // SAFETY: the slot has `SLOT_BYTES >= len` bytes and is ours alone.
+                unsafe { ptr.as_ptr().write_bytes(0, len) };
+            }
+            return IoBuf {
+                ptr,
+                len,
+                capacity: huge::SLOT_BYTES,
+                owner: Owner::Slot,
+            };
+        }
         if let Some(ptr) = heap_cache::take(capacity) {
             if zero {
                 // SAFETY: the cached allocation has `capacity >= len` bytes and is owned by
@@ -100,7 +116,25 @@ impl IoBuf {
     pub fn from_slice(data: &[u8]) -> IoBuf {
         let len = data.len();
         let capacity = len.max(1).next_multiple_of(BUF_ALIGN);
-        let ptr = match heap_cache::take(capacity) {
+        let (ptr, capacity, owner) = match take_slot_for(capacity) {
+            Some((ptr, _)) => (ptr, huge::SLOT_BYTES, Owner::Slot),
+            None => (Self::heap_for_copy(len, capacity), capacity, Owner::Heap),
+        };
+        // SAFETY: `ptr` owns `capacity >= len` bytes that nothing else references, and `data`
+        // cannot overlap a fresh or cached allocation. Copying (instead of zeroing, then
+        // copying) saves a pass over the buffer on the target's write path.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), len) };
+        IoBuf {
+            ptr,
+            len,
+            capacity,
+            owner,
+        }
+    }
+
+    /// A heap allocation of `capacity` bytes whose first `len` bytes the caller overwrites.
+    fn heap_for_copy(len: usize, capacity: usize) -> NonNull<u8> {
+        match heap_cache::take(capacity) {
             Some(ptr) => ptr,
             None => {
                 let layout = heap_layout(capacity);
@@ -115,16 +149,6 @@ impl IoBuf {
                 unsafe { ptr.as_ptr().add(len).write_bytes(0, capacity - len) };
                 ptr
             }
-        };
-        // SAFETY: `ptr` owns `capacity >= len` bytes that nothing else references, and `data`
-        // cannot overlap a fresh or cached allocation. Copying (instead of zeroing, then
-        // copying) saves a pass over the buffer on the target's write path.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), len) };
-        IoBuf {
-            ptr,
-            len,
-            capacity,
-            owner: Owner::Heap,
         }
     }
 
@@ -165,10 +189,19 @@ impl IoBuf {
     /// The registered-buffer index and pool identity, if this buffer lives in a pool.
     pub(crate) fn pool_slot(&self) -> Option<(&Arc<BufPool>, u16)> {
         match &self.owner {
-            Owner::Heap | Owner::Shared { .. } => None,
+            Owner::Heap | Owner::Slot | Owner::Shared { .. } => None,
             Owner::Pool { pool, index } => Some((pool, *index)),
         }
     }
+}
+
+/// A huge-page slot for a buffer of `capacity` bytes, if it is large enough to want one
+/// (see [`crate::huge`]), with whether it is fresh (zeroed).
+fn take_slot_for(capacity: usize) -> Option<(NonNull<u8>, bool)> {
+    if capacity <= huge::SLOT_MIN_BYTES || capacity > huge::SLOT_BYTES {
+        return None;
+    }
+    huge::take_slot()
 }
 
 fn heap_layout(capacity: usize) -> Layout {
@@ -190,6 +223,8 @@ impl Drop for IoBuf {
                 // freed only here, once.
                 unsafe { alloc::dealloc(self.ptr.as_ptr(), heap_layout(self.capacity)) }
             }
+            // SAFETY: the slot came from `take_slot` and this buffer was its only user.
+            Owner::Slot => unsafe { huge::give_slot(self.ptr) },
             Owner::Pool { pool, index } => pool.release(*index),
             Owner::Shared { .. } => {}
         }
@@ -244,10 +279,10 @@ impl fmt::Debug for IoBuf {
 
 /// A small process-wide cache of freed heap buffers.
 ///
-/// A migration allocates and frees a 1 MiB buffer per read; fresh allocations of that size
-/// come from `mmap`, so every one costs page faults and the kernel's page clearing (measured:
-/// ~9 % of the source's CPU in a copy). Reusing recently freed buffers keeps their pages
-/// mapped. Buffers are zeroed again when handed out, so no data crosses between users, except
+/// A migration allocates and frees a buffer per read; fresh allocations of large sizes come
+/// from `mmap`, so every one costs page faults and the kernel's page clearing (measured with
+/// 1 MiB buffers, before those moved to [`crate::huge`]'s slots: ~9 % of the source's CPU in
+/// a copy). Reusing recently freed buffers keeps their pages mapped. Buffers are zeroed again when handed out, so no data crosses between users, except
 /// to buffers for overwriting ([`IoBuf::for_overwrite`]), which a read or a copy fills whole
 /// before anyone looks.
 mod heap_cache {
@@ -298,6 +333,8 @@ mod heap_cache {
 /// memory outlives both the ring (which unregisters on close) and the last buffer.
 pub(crate) struct BufPool {
     base: NonNull<u8>,
+    /// Bytes mapped at `base` (the slots, rounded up to whole huge pages).
+    mapped_bytes: usize,
     slot_bytes: usize,
     slots: usize,
     free: Mutex<Vec<u16>>,
@@ -315,12 +352,14 @@ impl BufPool {
         if slots == 0 || slot_bytes == 0 || !slot_bytes.is_multiple_of(BUF_ALIGN) {
             return None;
         }
-        let total = slot_bytes.checked_mul(usize::from(slots))?;
-        let layout = Layout::from_size_align(total, BUF_ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        let total = slot_bytes
+            .checked_mul(usize::from(slots))?
+            .checked_next_multiple_of(huge::REGION_BYTES)?;
+        // In huge pages, like every large buffer (see `crate::huge`).
+        let base = huge::map(total)?;
         Some(Arc::new(BufPool {
             base,
+            mapped_bytes: total,
             slot_bytes,
             slots: usize::from(slots),
             // Reversed so slot 0 is handed out first, which keeps tests readable.
@@ -381,10 +420,9 @@ impl BufPool {
 
 impl Drop for BufPool {
     fn drop(&mut self) {
-        let layout = heap_layout(self.slot_bytes * self.slots);
-        // SAFETY: `base` came from `alloc_zeroed` with this layout. Every `IoBuf` holds an
-        // `Arc` to the pool, so none is left pointing into it.
-        unsafe { alloc::dealloc(self.base.as_ptr(), layout) }
+        // SAFETY: `base` came from `huge::map(mapped_bytes)`. Every `IoBuf` holds an `Arc`
+        // to the pool, so none is left pointing into it.
+        unsafe { huge::unmap(self.base, self.mapped_bytes) }
     }
 }
 

@@ -32,6 +32,7 @@ mod buf;
 mod device;
 mod error;
 mod file;
+mod huge;
 mod memory;
 mod probe;
 mod queue;
