@@ -188,6 +188,7 @@ impl World {
             chunk_bytes,
             data_streams: rng.random_range(1..=4),
             reads_in_flight_max: rng.random_range(1..=8),
+            mirror_reads_in_flight_max: rng.random_range(1..=8),
             transmit_queue_bytes_max: rng.random_range(1..=8) << 20,
             verify: if rng.random() {
                 VerifyMode::Written
