@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use tern_bench::netem::{Impairment, TcpProxy, UdpProxy};
+use tern_bench::netem::{ETHERNET_MTU, Impairment, TcpProxy, UdpProxy};
 
 /// The network namespace of the target host with a shaped link.
 const NAMESPACE: &str = "tern-bench-target";
@@ -156,6 +156,7 @@ impl LinkSpec {
                 rate_bytes_per_s: Some((rate_mbit * 1e6 / 8.0) as u64),
                 // A router buffer of one round trip (at least 50 ms).
                 queue: Duration::from_secs_f64((rtt_ms / 1e3).max(0.05)),
+                mtu: Some(ETHERNET_MTU),
                 ..Impairment::none()
             }),
             _ => None,

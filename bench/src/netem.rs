@@ -46,7 +46,16 @@ pub struct Impairment {
     pub rate_bytes_per_s: Option<u64>,
     /// Longest queueing delay before tail drop, with a rate (default 50 ms when zero).
     pub queue: Duration,
+    /// IP MTU of the emulated path (`None`: no limit). A datagram whose IP packet would be
+    /// larger is dropped, as a router drops a packet with don't-fragment set (QUIC sets it),
+    /// so path MTU discovery finds the limit as it would on a real link. Without it, the
+    /// proxy's loopback sockets pass 64 KiB datagrams, and a loss rate per datagram then
+    /// costs far fewer bytes than on a real network.
+    pub mtu: Option<usize>,
 }
+
+/// Ethernet's MTU: what a WAN path carries.
+pub const ETHERNET_MTU: usize = 1500;
 
 impl Impairment {
     /// No impairment at all.
@@ -282,6 +291,12 @@ fn receive(socket: &UdpSocket, shared: &Shared, forward: bool) {
         if shared.cut.load(Ordering::SeqCst) {
             timeline.stats.dropped += 1;
             timeline.stats.dropped_by_cut += 1;
+            continue;
+        }
+        // IP and UDP headers: 20 + 8 bytes over IPv4, 40 + 8 over IPv6.
+        let headers = if from.is_ipv4() { 28 } else { 48 };
+        if impairment.mtu.is_some_and(|mtu| len + headers > mtu) {
+            timeline.stats.dropped += 1;
             continue;
         }
         if impairment.loss > 0.0 && timeline.rng.random_bool(impairment.loss.min(1.0)) {
@@ -633,6 +648,37 @@ mod tests {
         let (len, _) = socket.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"back");
         assert!(proxy.wait_forwarded(8, Duration::from_secs(1)));
+        socket.send_to(b"quit", proxy.local_addr()).unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn datagrams_larger_than_the_mtu_are_dropped() {
+        let (server, thread) = echo_server();
+        let ethernet = Impairment {
+            mtu: Some(ETHERNET_MTU),
+            ..Impairment::none()
+        };
+        let proxy = UdpProxy::start(
+            "127.0.0.1:0".parse().unwrap(),
+            server,
+            ethernet.clone(),
+            ethernet,
+            3,
+        )
+        .unwrap();
+        let socket = client();
+        // 1473 bytes of UDP payload + 28 bytes of headers exceed 1500.
+        socket.send_to(&[7u8; 1473], proxy.local_addr()).unwrap();
+        assert!(proxy.wait_for(Duration::from_secs(5), |s| s.dropped == 1));
+        socket.send_to(&[8u8; 1472], proxy.local_addr()).unwrap();
+        let mut buf = [0u8; 2048];
+        let (len, _) = socket.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..len],
+            &[8u8; 1472][..],
+            "the largest datagram that fits"
+        );
         socket.send_to(b"quit", proxy.local_addr()).unwrap();
         thread.join().unwrap();
     }

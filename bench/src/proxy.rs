@@ -37,6 +37,10 @@ pub(crate) struct ProxyArgs {
     /// Link rate in Mbit/s, each direction (0: unlimited).
     #[arg(long, default_value_t = 0.0)]
     rate_mbit: f64,
+    /// IP MTU of the emulated path, UDP only: larger datagrams are dropped, as with
+    /// don't-fragment set (0: no limit).
+    #[arg(long, default_value_t = tern_bench::netem::ETHERNET_MTU)]
+    mtu: usize,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -51,6 +55,7 @@ pub(crate) fn run(args: &ProxyArgs) -> anyhow::Result<()> {
         reorder: args.reorder,
         rate_bytes_per_s: (args.rate_mbit > 0.0).then(|| (args.rate_mbit * 1e6 / 8.0) as u64),
         queue: Duration::ZERO,
+        mtu: (args.mtu > 0).then_some(args.mtu),
     };
     eprintln!(
         "tern-bench proxy: {} → {} with {impairment:?}",
