@@ -19,7 +19,7 @@ use tern_transport::{Compression, Control, Encoder, FrameReader, FrameWriter};
 use tokio::sync::{mpsc, watch};
 
 use crate::bitmap::DirtyBitmap;
-use crate::compression::{CompressionMode, CompressionPolicy};
+use crate::compression::{CompressionMode, CompressionPolicy, WriterTime};
 use crate::digest::ReadBlock;
 use crate::error::MigrationError;
 use crate::source::{
@@ -266,6 +266,7 @@ impl Link {
                 FrameWriter::new(stream),
                 rx,
                 policy.clone(),
+                machine.mirror_stream() != Some(index),
                 input_tx.clone(),
                 number,
                 shared.frames_compressed.clone(),
@@ -836,6 +837,7 @@ async fn write_data(
     mut writer: FrameWriter,
     mut rx: mpsc::Receiver<Transmit>,
     policy: Arc<std::sync::Mutex<CompressionPolicy>>,
+    bulk: bool,
     failed: mpsc::UnboundedSender<Input>,
     link: u64,
     frames_compressed: Arc<std::sync::atomic::AtomicU64>,
@@ -843,7 +845,12 @@ async fn write_data(
     shared_rate_limit: Option<Arc<Throttle>>,
 ) {
     let mut encoder = Encoder::new();
-    while let Some(transmit) = rx.recv().await {
+    loop {
+        let asked = Instant::now();
+        let Some(transmit) = rx.recv().await else {
+            break;
+        };
+        let got = Instant::now();
         let raw_bytes = transmit.data_bytes() as u64;
         let compress = raw_bytes > 0
             && policy
@@ -877,11 +884,17 @@ async fn write_data(
             return;
         }
         if raw_bytes > 0 {
-            policy.lock().unwrap_or_else(|e| e.into_inner()).record(
-                raw_bytes,
-                wire_bytes,
-                Instant::now(),
-            );
+            let now = Instant::now();
+            // Only the bulk writers' waits tell whether the link is the limit: the mirror
+            // writer waits whenever the guest does not write.
+            let time = bulk.then(|| WriterTime {
+                waiting: got - asked,
+                busy: now - got,
+            });
+            policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(raw_bytes, wire_bytes, now, time);
         }
     }
     writer.finish();
