@@ -12,6 +12,7 @@
 pub mod control;
 pub mod error;
 pub mod frame;
+mod gso_split;
 pub mod identity;
 pub mod quic;
 

@@ -18,6 +18,7 @@ use crate::error::TransportError;
 use crate::frame::{
     Codec, EncodedFrame, Frame, HEADER_BYTES, PayloadBuf, decode_frame, decode_header, vec_payload,
 };
+use crate::gso_split::GsoSplitSocket;
 use crate::identity::{Fingerprint, Identity, PinnedVerifier};
 
 /// ALPN protocol id: refuses anything that is not Tern before the handshake completes.
@@ -42,8 +43,8 @@ const STREAM_WINDOW_BYTES: u64 = 1 << 20;
 /// extension, which both ends of a Tern connection speak; without it a receiver acknowledges
 /// every other packet). The receiver still acknowledges within its `max_ack_delay`, which
 /// quinn keeps at or below the round-trip time, so loss detection and the congestion
-/// controller keep their pace; a burst of 32 packets (46 KB) is far below any congestion
-/// window that fills a link worth shaping. Measured on a 1 Gbit/s link (tbf, `tern-bench nbd
+/// controller keep their pace; a burst of 32 Ethernet-sized packets (46 KB) is far below any
+/// congestion window that fills a link worth shaping. Measured on a 1 Gbit/s link (tbf, `tern-bench nbd
 /// --idle --link tbf:1000`): acknowledgements received by the source 56–61 k → 17–22 k per
 /// 2 GiB, the target's CPU 6.4 → 5.3 s, the source's 7.7 → 7.2 s, the same total time.
 const ACK_ELICITING_THRESHOLD: u32 = 31;
@@ -53,14 +54,16 @@ const ACK_ELICITING_THRESHOLD: u32 = 31;
 /// stops at 1452 for Ethernet, but loopback (MTU 64 KiB) and the jumbo-frame networks storage
 /// traffic often runs on carry much larger packets, and nearly all of the per-byte CPU of a
 /// transfer is per packet (header protection, AEAD set-up, frame encoding, acknowledgement
-/// tracking, one kernel skb each). Why 6500 and not 9000 or 65527: quinn sends up to 10
-/// packets per GSO `sendmsg`, and one GSO send must fit an IP datagram (64 KiB); above
-/// 6550 the kernel refuses the batch and MTU discovery reads it as a black hole (measured
-/// with 8972: 84 packets lost and the MTU fell to 1200). Measured on loopback, a 2 GiB copy
-/// (`tern migrate --compress off`, AMD EPYC, 2 vCPUs): 1.10 M datagrams → 0.25 M, CPU of
-/// both ends 8.4 → 4.7 s; an Ethernet path settles at ~1452 as before, after a few lost
-/// probes that quinn does not count as congestion.
-pub const MAX_UDP_PAYLOAD_BYTES: u16 = 6500;
+/// tracking, stream reassembly). The bound is the largest IPv4 UDP payload; an IPv6 or
+/// smaller path settles below it. Packets this large need the socket in `gso_split`: quinn batches
+/// up to 10 packets per segmentation-offload send and the kernel refuses a batch over 64 KiB
+/// (without the split, packets stopped at 6500 bytes). Measured on loopback, a 2 GiB copy
+/// (`tern migrate --compress off`, AMD EPYC, 2 vCPUs, user CPU of both ends, 6 interleaved
+/// runs each): 1200 → 6500 bytes took 1.10 M datagrams to 0.25 M and CPU 8.4 → 4.7 s;
+/// 6500 → 65507 takes user CPU 2.7–2.9 → 2.0–2.2 s (total with system time, median 3.9 →
+/// 3.3 s). An Ethernet path settles at ~1452 as before, after a few more lost probes, which
+/// quinn does not count as congestion.
+pub const MAX_UDP_PAYLOAD_BYTES: u16 = 65_507;
 
 /// Tuning for one connection.
 #[derive(Clone, Copy, Debug)]
@@ -208,7 +211,13 @@ fn endpoint(
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD_BYTES)
         .expect("1200 ≤ MAX_UDP_PAYLOAD_BYTES ≤ 65527");
-    Endpoint::new(config, server, socket, runtime).map_err(TransportError::Endpoint)
+    let socket = Arc::new(GsoSplitSocket::new(
+        runtime
+            .wrap_udp_socket(socket)
+            .map_err(TransportError::Endpoint)?,
+    ));
+    Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+        .map_err(TransportError::Endpoint)
 }
 
 /// A listening target endpoint that accepts only the pinned source.
