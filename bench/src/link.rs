@@ -174,8 +174,10 @@ impl Link {
     /// Sets the link up (for `tbf`: the namespace, the veth pair and the qdiscs).
     pub(crate) fn up(spec: &LinkSpec) -> anyhow::Result<Self> {
         if let LinkSpec::Shaped { rate_mbit } = *spec {
-            // A namespace left behind by a killed run goes first.
+            // A namespace left behind by a killed run goes first, and so does a veth of
+            // the same name in this namespace (whose peer lives elsewhere).
             let _ = ip(&["netns", "del", NAMESPACE]);
+            let _ = ip(&["link", "del", SOURCE_IF]);
             let rate = format!("{}kbit", (rate_mbit * 1e3).round() as u64);
             // The bucket holds 2 ms of the rate, at least two 64 KiB GSO segments; the queue
             // holds 20 ms before tail drop.
