@@ -2008,10 +2008,20 @@ impl SourceMigration {
             // pending either.
             if self.phase == Phase::Iterating && (self.pass.bytes_sent > 0 || dirty_bytes == 0) {
                 let to_sync = dirty_bytes + pending_bytes;
+                // The final sync drains at the rate the target takes the data, but a pass's
+                // rate counts what was handed to the transport, whose buffers absorb a few
+                // MiB at once: a pass that ends before they fill (a small disk, the start of
+                // a slow link) looks far faster than the link. Only what has left the
+                // buffers counts: at most the pass's bytes less those still unconfirmed.
+                // Measured before: a 4 MiB disk on a 100 Mbit/s link "converged" at
+                // 308 MiB/s with 4 MiB in flight, and its switchover took 0.4-1 s against a
+                // 50 ms budget.
+                let delivery_rate =
+                    self.pass.bytes_sent.saturating_sub(pending_bytes) as f64 / seconds;
                 let predicted = if to_sync == 0 {
                     Duration::ZERO
                 } else {
-                    Duration::from_secs_f64(to_sync as f64 / transfer_rate.max(1.0))
+                    Duration::from_secs_f64(to_sync as f64 / delivery_rate.max(1.0))
                 };
                 if predicted <= live.max_downtime && !self.converged {
                     self.converged = true;
