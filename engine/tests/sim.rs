@@ -1539,7 +1539,7 @@ fn a_pass_the_transport_only_buffered_does_not_converge_until_the_target_confirm
     let mut now = Instant::now();
     let mut events = Vec::new();
     let mut barriers = Vec::new();
-    let mut step = |source: &mut SourceMigration, now: Instant, barriers: &mut Vec<u64>| {
+    let step = |source: &mut SourceMigration, now: Instant, barriers: &mut Vec<u64>| {
         source.handle_time(now);
         if source.wants_dirty_count(now) {
             source.handle_dirty_count(now, 0);
