@@ -58,11 +58,11 @@ const ACK_ELICITING_THRESHOLD: u32 = 31;
 /// smaller path settles below it. Packets this large need the socket in `gso_split`: quinn batches
 /// up to 10 packets per segmentation-offload send and the kernel refuses a batch over 64 KiB
 /// (without the split, packets stopped at 6500 bytes). Measured on loopback, a 2 GiB copy
-/// (`tern migrate --compress off`, AMD EPYC, 2 vCPUs, user CPU of both ends, 6 interleaved
-/// runs each): 1200 → 6500 bytes took 1.10 M datagrams to 0.25 M and CPU 8.4 → 4.7 s;
-/// 6500 → 65507 takes user CPU 2.7–2.9 → 2.0–2.2 s (total with system time, median 3.9 →
-/// 3.3 s). An Ethernet path settles at ~1452 as before, after a few more lost probes, which
-/// quinn does not count as congestion.
+/// (`tern migrate --compress off`, AMD EPYC, 2 vCPUs, CPU of both ends): 1200 → 6500 bytes
+/// took 1.10 M datagrams to 0.25 M and CPU 8.4 → 4.7 s; 6500 → 65507 (6 interleaved runs
+/// each) took user CPU from a median of 2.75 s (2.29–2.85) to 2.13 s (1.78–2.24), and user
+/// plus system from 3.9 s to 3.3 s. An Ethernet path settles at ~1452 as before, after a few
+/// more lost probes, which quinn does not count as congestion.
 pub const MAX_UDP_PAYLOAD_BYTES: u16 = 65_507;
 
 /// Tuning for one connection.
