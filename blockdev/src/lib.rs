@@ -24,14 +24,16 @@
 //! whereas a plain ring on our own thread works under any runtime (or none) and lets us
 //! fall back cleanly.
 //!
-//! `unsafe` code lives only in this crate, in three modules: `buf` (aligned allocation and
-//! the registered pool), `file` (`statx`, `ioctl`, `fallocate`, `lseek`), and `uring` (SQE
-//! buffer lifetimes, eventfd). Each block states its invariant in a `SAFETY:` comment.
+//! `unsafe` code lives only in this crate, in five modules: `buf` (aligned allocation and
+//! the registered pool), `huge` (huge-page mappings), `file` (`statx`, `ioctl`,
+//! `fallocate`, `lseek`), `uring` (SQE buffer lifetimes, eventfd) and `heap` (malloc's
+//! thresholds, [`tune_allocator`]). Each block states its invariant in a `SAFETY:` comment.
 
 mod buf;
 mod device;
 mod error;
 mod file;
+mod heap;
 mod huge;
 mod memory;
 mod probe;
@@ -46,5 +48,6 @@ pub use device::{
 };
 pub use error::{BlockError, BlockErrorKind, OpKind};
 pub use file::free_bytes;
+pub use heap::{MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES, tune_allocator};
 pub use memory::MemoryFaults;
 pub use probe::probe_uring;
