@@ -189,6 +189,13 @@ impl CompressionPolicy {
             .saturating_duration_since(start)
             .max(Duration::from_micros(1));
         let starved = self.starved();
+        tracing::debug!(
+            compressing = self.compressing,
+            wire_mib_s = self.wire as f64 / seconds.as_secs_f64() / 1048576.0,
+            raw_mib_s = self.raw as f64 / seconds.as_secs_f64() / 1048576.0,
+            waiting_share = self.waiting_share(),
+            "compression: window"
+        );
         self.writer_time = WriterTime::default();
         if self.warm_up > 0 {
             self.warm_up -= 1;
@@ -232,9 +239,18 @@ impl CompressionPolicy {
     /// Whether the bulk writers waited for input for more than [`STARVED_SHARE`] of their
     /// time in the current window.
     fn starved(&self) -> bool {
+        self.waiting_share() > STARVED_SHARE
+    }
+
+    /// The share of their time the bulk writers waited for input in the current window.
+    fn waiting_share(&self) -> f64 {
         let WriterTime { waiting, busy } = self.writer_time;
         let total = (waiting + busy).as_secs_f64();
-        total > 0.0 && waiting.as_secs_f64() > STARVED_SHARE * total
+        if total > 0.0 {
+            waiting.as_secs_f64() / total
+        } else {
+            0.0
+        }
     }
 
     /// Disk bytes per second of each mode, once both were measured.
