@@ -363,8 +363,9 @@ pub async fn run_source(
         None => (Vec::new(), None, None, Vec::new(), Vec::new()),
     };
     drop(mirror_tx);
-    // Guest writes waiting for their mirror: machine token → job.
-    let mut mirror_jobs: std::collections::HashMap<u64, MirrorJob> = Default::default();
+    // Guest writes waiting for their mirror: machine token → job, and when it was handed
+    // over (for the debug log's latency: a guest waits on each).
+    let mut mirror_jobs: std::collections::HashMap<u64, (MirrorJob, Instant)> = Default::default();
     let mut next_mirror = 1u64;
     let mut switchover_started: Option<Instant> = None;
     let mut downtime = None;
@@ -431,6 +432,9 @@ pub async fn run_source(
             };
             match transmit {
                 Transmit::Control(message) => {
+                    if let Control::MirrorRequest { token, .. } = &message {
+                        tracing::debug!(token, "mirror request sent");
+                    }
                     if let Err(e) = current.control.send(message.encode()).await {
                         let message = super::describe_failure(&current.connection, &e);
                         link_failed(&mut machine, &current.connection, message);
@@ -583,7 +587,13 @@ pub async fn run_source(
             }
         }
         while let Some((token, mirrored)) = machine.poll_mirrored() {
-            if let Some(job) = mirror_jobs.remove(&token) {
+            if let Some((job, started)) = mirror_jobs.remove(&token) {
+                tracing::debug!(
+                    token,
+                    us = started.elapsed().as_micros() as u64,
+                    mirrored,
+                    "mirror finished"
+                );
                 job.finish(mirrored);
             }
         }
@@ -614,8 +624,9 @@ pub async fn run_source(
             Some(job) = mirror_rx.recv() => {
                 let token = next_mirror;
                 next_mirror += 1;
+                tracing::debug!(token, "mirror started");
                 machine.handle_mirror(token, job.disk, job.range.clone());
-                mirror_jobs.insert(token, job);
+                mirror_jobs.insert(token, (job, Instant::now()));
                 continue;
             }
             () = sleep_until(deadline), if deadline.is_some() => continue,
@@ -674,7 +685,7 @@ pub async fn run_source(
     while let Ok(job) = mirror_rx.try_recv() {
         job.finish(false);
     }
-    for (_, job) in mirror_jobs.drain() {
+    for (_, (job, _)) in mirror_jobs.drain() {
         job.finish(false);
     }
     if let Some(task) = reconnecting {

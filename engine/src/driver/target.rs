@@ -390,6 +390,9 @@ async fn run_connection(
     let mut priority_open = true;
     let result = loop {
         while let Some(message) = machine.poll_transmit() {
+            if let Control::MirrorAck { tokens } = &message {
+                tracing::debug!(?tokens, "mirror acknowledgement sent");
+            }
             if let Err(e) = control.send(message.encode()).await {
                 machine.handle_transport_failed(e.to_string());
             }
