@@ -37,9 +37,14 @@ pub const FRAMES_PENDING_MAX: usize = 64;
 /// bulk data streams, while the source mirrors guest writes (see [`BYTES_PENDING_MAX`]): a
 /// mirrored write queues behind at most this much. Frames carry up to 1 MiB, so 64 of them
 /// queued up to 64 MiB of writes ahead of a mirrored guest write (measured, active mode during
-/// the bulk pass: mirrors took 10–20 ms, the guest got 9 MiB/s at QD8). 4 MiB is still 4
-/// writes of 1 MiB in flight.
-pub const BYTES_PENDING_MIRRORING: u64 = 4 << 20;
+/// the bulk pass: mirrors took 10–20 ms, the guest got 9 MiB/s at QD8). With 4, 2 and 1 MiB
+/// (unpaced QD8 guest, `tern-bench nbd`, `bench/tools/mirror_latency.py`, AMD EPYC with a
+/// Firecracker disk, 2–4 runs each): a mirror during the bulk pass took a median 21–31,
+/// 12–14 and 7–11 ms (the target's part 7.5–10, 3–3.5 and 1.5–2 ms), and 1400–1500, 2300 and
+/// 2800–4100 guest writes were mirrored during it; the whole migration took 9.7–11.1 s with
+/// 4 MiB and 10.9–11.7 s with 1 MiB (carrying twice the guest's writes). One bulk write of
+/// 1 MiB in flight still writes this disk at its speed (fio, O_DIRECT, QD1: 1146 MiB/s).
+pub const BYTES_PENDING_MIRRORING: u64 = 1 << 20;
 /// The same bound while nobody waits for a mirrored write: deeper queues keep a fast disk
 /// busier while the source's reads compete for it (2 GiB copy on loopback, 6 interleaved
 /// runs: median 2.13 s with 4 MiB, 2.0 s with 16 MiB; `qemu-img convert -m 8` keeps up to

@@ -1426,7 +1426,7 @@ fn the_target_queues_less_bulk_data_while_the_source_mirrors() {
         }],
     });
     assert_eq!(target.bytes_pending_max(), BYTES_PENDING_MIRRORING);
-    // Fills of 4 MiB until 64 MiB were accepted; the fill that crosses the mark goes on to
+    // Small fills until 64 MiB were accepted; the fill that crosses the mark goes on to
     // the large bound.
     let mut small_fills = 0;
     loop {
